@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything lives in .venv.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+# The CPU build of torch that lies on the CI machines' disk (an unpinned torch pulls CUDA, GBs).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-all demo lint bench-queue bench-gpu tiny-model schema clean redis-server
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[worker,monitor,test]'
+	touch $(STAMP)
+
+install: $(STAMP) redis-server
+
+redis-server:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+tiny-model: install
+	$(PY) -m producer.cli build-tiny-model .cache/tiny-sd
+
+test: install tiny-model
+	$(PY) -m pytest -m "not gpu" -q
+
+demo: install tiny-model
+	$(PY) -m devstack.demo
+
+schema: install
+	$(PY) -m producer.cli schema > docs/job-schema.json
+
+bench-queue: install tiny-model
+	$(PY) -m benchmarks.queue_overhead
+
+clean:
+	rm -rf $(VENV) .cache demo-output

@@ -1,0 +1,118 @@
+"""Object storage through boto3: input download with limits, idempotent output writes.
+
+Outputs use deterministic keys per job id and conditional writes (``If-None-Match: *``): a
+redelivered job finds its objects already there (HTTP 412) and treats that as done, so the first
+complete write wins and nothing is written twice. The manifest is written last: it is the
+commit marker, and readers trust only a job whose manifest exists.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+from producer.errors import InputImageError, TransientError
+from producer.locations import ObjectRef
+from producer.settings import Settings
+
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_ALREADY_THERE = {"412", "PreconditionFailed"}
+_RETRYABLE_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable", "ConditionalRequestConflict", "409"}
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the configured endpoint, with short timeouts and standard retries."""
+    kwargs: dict[str, Any] = {"region_name": settings.s3_region}
+    if settings.s3_endpoint_url:
+        kwargs["endpoint_url"] = settings.s3_endpoint_url
+    if settings.s3_access_key_id and settings.s3_secret_access_key:
+        kwargs["aws_access_key_id"] = settings.s3_access_key_id.get_secret_value()
+        kwargs["aws_secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
+    config = Config(
+        connect_timeout=3, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"},
+        s3={"addressing_style": "path"}, max_pool_connections=32,
+    )
+    return boto3.client("s3", config=config, **kwargs)
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _classify(exc: Exception, what: str) -> Exception:
+    """Map a boto error to a permanent or transient sdqueue error."""
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _RETRYABLE_CODES or status in _RETRYABLE_CODES:
+            return TransientError(f"{what}: storage answered {code or status}; will retry")
+        return InputImageError(f"{what}: storage refused the request ({code or status})")
+    return TransientError(f"{what}: storage unreachable ({type(exc).__name__}); will retry")
+
+
+class Storage:
+    """The worker's (and client's) view of the object store."""
+
+    def __init__(self, settings: Settings, client: Any | None = None) -> None:
+        self.settings = settings
+        self.client = client or make_s3_client(settings)
+
+    def read_input(self, ref: ObjectRef) -> tuple[bytes, str]:
+        """Download an input object after checking its size; returns (bytes, etag)."""
+        limit = self.settings.max_input_bytes
+        try:
+            head = self.client.head_object(Bucket=ref.bucket, Key=ref.key)
+            if head["ContentLength"] > limit:
+                raise InputImageError(
+                    f"image_url {ref.url}: {head['ContentLength']} bytes is over the {limit}-byte limit"
+                )
+            body = self.client.get_object(Bucket=ref.bucket, Key=ref.key, Range=f"bytes=0-{limit}")["Body"]
+            data = body.read(limit + 1)
+        except ClientError as exc:
+            if _code(exc) in _MISSING or "404" in str(exc):
+                raise InputImageError(f"image_url {ref.url}: no such object; upload it first") from None
+            raise _classify(exc, f"reading {ref.url}") from None
+        except (BotoCoreError, BotoConnectionError) as exc:
+            raise _classify(exc, f"reading {ref.url}") from None
+        if len(data) > limit:
+            raise InputImageError(f"image_url {ref.url}: over the {limit}-byte limit")
+        return data, str(head.get("ETag", "")).strip('"')
+
+    def put_once(self, ref: ObjectRef, body: bytes, content_type: str, metadata: dict[str, str]) -> bool:
+        """Create an object unless it exists. Returns False when it was already there."""
+        try:
+            self.client.put_object(
+                Bucket=ref.bucket, Key=ref.key, Body=body, ContentType=content_type,
+                Metadata=metadata, IfNoneMatch="*",
+            )
+            return True
+        except ClientError as exc:
+            if _code(exc) in _ALREADY_THERE:
+                return False
+            raise _classify(exc, f"writing {ref.url}") from None
+        except (BotoCoreError, BotoConnectionError) as exc:
+            raise _classify(exc, f"writing {ref.url}") from None
+
+    def read_json(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """Read a JSON object, or None when it does not exist."""
+        try:
+            body = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise _classify(exc, f"reading {ref.url}") from None
+        except (BotoCoreError, BotoConnectionError) as exc:
+            raise _classify(exc, f"reading {ref.url}") from None
+        return json.loads(body)
+
+    def presign(self, ref: ObjectRef, expires_s: int | None = None) -> str:
+        """A presigned GET URL for an object."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": ref.bucket, "Key": ref.key},
+            ExpiresIn=expires_s or self.settings.presign_expires_s,
+        )

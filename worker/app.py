@@ -1,0 +1,55 @@
+"""The worker's Celery app: ``celery -A worker.app worker`` (``sdqueue worker`` adds the flags).
+
+Pool: ``threads``. The GPU is owned by one thread (worker.executor) that runs one pipeline call
+at a time; Celery's concurrency is the number of job slots feeding it (1 when micro-batching is
+off, 2 x max_batch when on, so one batch can be prepared and uploaded while another runs).
+Why not prefork: each child would load its own model copy (VRAM x N) and batching across
+children is impossible; why not solo: it blocks the event loop during a job, so no heartbeats,
+remote control, lease renewal or Flower status while busy. The threads pool has no Celery time
+limits, so the GPU thread enforces the job time limit at every denoising step and a watchdog
+exits the process if a call hangs (see docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+
+from producer.celeryconfig import make_celery
+from producer.settings import get_settings
+from worker.lease import LeaseKeeper
+from worker.state import start_state
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+app = make_celery(settings, "sdqueue-worker")
+app.steps["consumer"].add(LeaseKeeper)
+
+
+@signals.worker_init.connect
+def _load_model(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None) or "worker"
+    try:
+        start_state(settings, hostname)
+    except Exception:
+        log.exception("model load failed; the worker stops (fix the model setting: %s)", settings.model)
+        sys.exit(1)
+
+
+@signals.worker_ready.connect
+def _mark_ready(**_: Any) -> None:
+    if settings.ready_file:
+        Path(settings.ready_file).touch()
+
+
+@signals.worker_shutdown.connect
+def _mark_not_ready(**_: Any) -> None:
+    if settings.ready_file:
+        Path(settings.ready_file).unlink(missing_ok=True)
+
+
+from worker import tasks  # noqa: E402,F401  (registers the tasks on this app)

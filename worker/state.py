@@ -1,0 +1,66 @@
+"""The per-process worker state, built once when the worker process starts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import redis
+
+from producer.settings import Settings
+from producer.storage import Storage
+from worker.executor import GpuExecutor
+from worker.jobs import JobRunner
+from worker.runtime import Runtime, load_runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """Model runtime, GPU thread, storage and Redis client of one worker process."""
+
+    settings: Settings
+    hostname: str
+    runtime: Runtime
+    executor: GpuExecutor
+    storage: Storage
+    redis: redis.Redis
+    runner: JobRunner
+    running: dict[str, str] = field(default_factory=dict)
+    """job id -> run-lease token of the jobs this process is running now."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATE: WorkerState | None = None
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s, retry_on_timeout=True,
+        health_check_interval=10,
+    )
+
+
+def start_state(settings: Settings, hostname: str) -> WorkerState:
+    """Load the model (once per process) and start the GPU thread."""
+    global _STATE
+    if _STATE is not None:
+        return _STATE
+    runtime = load_runtime(settings)
+    executor = GpuExecutor(runtime, settings.max_batch, settings.flush_window_ms / 1000.0,
+                           hard_limit_s=settings.job_time_limit_s + 60.0)
+    storage = Storage(settings)
+    client = redis_client(settings)
+    client.incr(f"sdq:model_loads:{hostname}")
+    _STATE = WorkerState(settings, hostname, runtime, executor, storage, client,
+                         JobRunner(settings, runtime, executor, storage))
+    return _STATE
+
+
+def get_state() -> WorkerState:
+    if _STATE is None:
+        raise RuntimeError("worker state not started: tasks run only inside `sdqueue worker`")
+    return _STATE

@@ -1,0 +1,67 @@
+"""The two Celery tasks. Thin: the work is in worker.jobs; these add delivery bookkeeping."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from celery import Task
+
+from producer.errors import TransientError
+from producer.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK
+from worker.app import app
+from worker.guards import StepSignals, count_delivery, run_lease
+from worker.jobs import JobContext, validate_payload
+from worker.state import get_state
+
+
+def backoff_s(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: base * 2^attempt, capped, times 0.5..1."""
+    return min(cap, base * (2**attempt)) * random.uniform(0.5, 1.0)
+
+
+def _context(task: Task, job_id: str) -> JobContext:
+    state = get_state()
+    signals = StepSignals(state.redis, job_id, state.settings.progress_interval_s)
+    routing_key = (task.request.delivery_info or {}).get("routing_key")
+    return JobContext(
+        job_id=job_id, lane_rank=1 if routing_key == BULK_QUEUE else 0,
+        submitted_at=task.request.get("sdq_submitted_at"),
+        on_progress=signals.progress, is_cancelled=signals.cancelled,
+    )
+
+
+def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate, guard against poison and duplicates, run; transient faults retry with backoff."""
+    state = get_state()
+    settings = state.settings
+    job_id = str(task.request.id)
+    attempt = int(task.request.retries or 0)
+    job = validate_payload(mode, payload, job_id, settings)
+    count_delivery(state.redis, job_id, attempt, settings.max_deliveries)
+    lease_ms = int(settings.visibility_timeout_s * 500)
+    with run_lease(state.redis, job_id, lease_ms, state.hostname) as token:
+        if token is None:  # another live worker runs this very job: look again later
+            raise task.retry(countdown=settings.visibility_timeout_s, max_retries=settings.max_retries)
+        with state.lock:
+            state.running[job_id] = token
+        try:
+            return state.runner.run(job, _context(task, job_id))
+        except TransientError as exc:
+            raise task.retry(exc=exc, max_retries=settings.max_retries,
+                             countdown=backoff_s(attempt, settings.retry_backoff_s, settings.retry_backoff_max_s))
+        finally:
+            with state.lock:
+                state.running.pop(job_id, None)
+
+
+@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True)
+def txt2img(self: Task, **payload: Any) -> dict[str, Any]:
+    """Generate images from a prompt; kwargs are the job spec (see docs/job-schema.json)."""
+    return run_delivery(self, "txt2img", payload)
+
+
+@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True)
+def img2img(self: Task, **payload: Any) -> dict[str, Any]:
+    """Transform an allow-listed input image; kwargs are the job spec (see docs/job-schema.json)."""
+    return run_delivery(self, "img2img", payload)
