@@ -17,11 +17,12 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from producer.errors import GenerationError, JobCancelled
+from worker.accel import bucket_for
 from worker.generation import GenerationRequest, run_batch
 from worker.runtime import Runtime
 
@@ -39,11 +40,16 @@ class _Stop(Exception):
 class GpuExecutor:
     """Serialises all model work on one thread and batches compatible jobs."""
 
-    def __init__(self, runtime: Runtime, max_batch: int, flush_window_s: float, hard_limit_s: float) -> None:
+    def __init__(self, runtime: Runtime, max_batch: int, flush_window_s: float, hard_limit_s: float,
+                 buckets: list[int] | None = None, prepare: Callable[[], object] | None = None) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
         self.flush_window_s = flush_window_s
         self.hard_limit_s = hard_limit_s
+        self.buckets = buckets
+        self._prepare = prepare
+        self.ready = threading.Event()
+        self.start_error: BaseException | None = None
         self._cond = threading.Condition()
         self._pending: list[tuple[int, int, GenerationRequest]] = []
         self._order = itertools.count()
@@ -99,7 +105,21 @@ class GpuExecutor:
                 images += len(request.seeds)
         return batch
 
+    def wait_ready(self) -> None:
+        """Block until the GPU thread finished its start-up work (optimise, compile, warm-up)."""
+        self.ready.wait()
+        if self.start_error is not None:
+            raise RuntimeError(f"GPU thread start-up failed: {self.start_error}") from self.start_error
+
     def _loop(self) -> None:
+        try:
+            if self._prepare:
+                self._prepare()
+        except BaseException as exc:
+            self.start_error = exc
+            return
+        finally:
+            self.ready.set()
         while True:
             batch = [r for r in self._take_batch() if self._still_wanted(r)]
             if batch:
@@ -116,7 +136,9 @@ class GpuExecutor:
         started = time.monotonic()
         self._busy_since = started
         try:
-            results = run_batch(self.runtime, batch, self._step_callback(batch))
+            images = sum(len(r.seeds) for r in batch)
+            pad_to = bucket_for(images, self.buckets) if self.buckets else 0
+            results = run_batch(self.runtime, batch, self._step_callback(batch), pad_to)
         except _Stop as stop:
             self._fail(batch, stop.error)
         except torch.cuda.OutOfMemoryError:

@@ -38,6 +38,7 @@ class Runtime:
     model_id: str
     load_seconds: float
     load_count: int
+    warmup_seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
 
     def pipeline_for(self, mode: str) -> DiffusionPipeline:
@@ -81,7 +82,7 @@ def load_runtime(settings: Settings) -> Runtime:
     started = time.perf_counter()
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
-    if device.type == "cpu":
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # an explicit setting wins
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
     txt2img = AutoPipelineForText2Image.from_pretrained(
         settings.model, dtype=dtype, revision=settings.model_revision,

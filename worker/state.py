@@ -10,6 +10,7 @@ import redis
 
 from producer.settings import Settings
 from producer.storage import Storage
+from worker.accel import optimise, use_compile, warm_up
 from worker.executor import GpuExecutor
 from worker.jobs import JobRunner
 from worker.runtime import Runtime, load_runtime
@@ -50,14 +51,25 @@ def start_state(settings: Settings, hostname: str) -> WorkerState:
     if _STATE is not None:
         return _STATE
     runtime = load_runtime(settings)
-    executor = GpuExecutor(runtime, settings.max_batch, settings.flush_window_ms / 1000.0,
-                           hard_limit_s=settings.job_time_limit_s + 60.0)
+    executor = GpuExecutor(
+        runtime, settings.max_batch, settings.flush_window_ms / 1000.0,
+        hard_limit_s=settings.job_time_limit_s + 60.0,
+        buckets=settings.compile_batch_sizes if use_compile(settings, runtime) else None,
+        prepare=lambda: _prepare_gpu(runtime, settings))
+    executor.wait_ready()
     storage = Storage(settings)
     client = redis_client(settings)
     client.incr(f"sdq:model_loads:{hostname}")
     _STATE = WorkerState(settings, hostname, runtime, executor, storage, client,
-                         JobRunner(settings, runtime, executor, storage))
+                         JobRunner(settings, runtime, executor, storage, hostname))
     return _STATE
+
+
+def _prepare_gpu(runtime: Runtime, settings: Settings) -> None:
+    """Runs on the GPU thread before it serves: speed-ups, then warm-up (compiles buckets)."""
+    optimise(runtime, settings)
+    if settings.warmup:
+        runtime.warmup_seconds = warm_up(runtime, settings)
 
 
 def get_state() -> WorkerState:
