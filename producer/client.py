@@ -29,6 +29,7 @@ from producer.errors import (BrokerUnavailable, JobCancelled, JobFailed, JobIdCo
 from producer.locations import ObjectRef, allowed_input
 from producer.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, progress_key
 from producer.settings import Settings, get_settings
+from producer.webhooks import check_webhook_url
 
 Job = Txt2ImgJob | Img2ImgJob
 Lane = Literal["interactive", "bulk"]
@@ -87,6 +88,8 @@ class SdQueue:
             allowed_input(spec.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
         if spec.output is not None and spec.output.bucket not in self.settings.allowed_output_buckets:
             raise JobValidationError(f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket")
+        if spec.webhook_url is not None:
+            check_webhook_url(spec.webhook_url, self.settings.webhook_hosts)
         return spec
 
     def submit(self, job: Job | dict[str, Any], lane: Lane = "interactive") -> "JobHandle":
@@ -120,7 +123,8 @@ class SdQueue:
                 TASK_FOR_MODE[spec.mode], kwargs=payload, task_id=job_id, queue=QUEUE_FOR_LANE[lane],
                 headers={"sdq_submitted_at": time.time()}, retry=True,
             )
-        except (OperationalError, redis.RedisError, OSError) as exc:
+        except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
+            # RuntimeError: Celery's Redis result consumer gives up subscribing (E_RETRY_LIMIT_EXCEEDED)
             if spec.job_id:
                 self.redis.delete(job_claim_key(job_id))
             raise BrokerUnavailable(
@@ -159,9 +163,13 @@ class JobHandle:
 
     def state(self) -> str:
         """queued, running, retrying, succeeded, failed or cancelled."""
-        if self.queue.redis.exists(cancel_key(self.job_id)) and self._async().state not in ("SUCCESS", "FAILURE"):
+        async_result = self._async()
+        celery_state = async_result.state
+        if celery_state == "FAILURE" and type(async_result.result).__name__ == "JobCancelled":
             return "cancelled"
-        return STATES.get(self._async().state, "queued")
+        if celery_state not in ("SUCCESS", "FAILURE") and self.queue.redis.exists(cancel_key(self.job_id)):
+            return "cancelled"
+        return STATES.get(celery_state, "queued")
 
     def progress(self) -> dict[str, Any] | None:
         """Latest denoising progress: ``{"step", "total", "fraction", "at"}``, or None."""

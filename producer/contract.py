@@ -27,6 +27,8 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 SCHEDULERS = ("default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc")
 SchedulerName = Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"]
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+TASK_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$"
+RESERVED_PREFIX = "sdqueue."
 
 Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, strict=True)]
 
@@ -61,6 +63,23 @@ class _JobBase(BaseModel):
     scheduler: SchedulerName = "default"
     output: OutputLocation | None = None
     job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
+    webhook_url: str | None = Field(
+        default=None, min_length=10, max_length=2048, pattern=r"^https?://",
+        description="Signed POST (Standard Webhooks) when the job ends; host must be in SDQ_WEBHOOK_HOSTS.")
+    callback_task: str | None = Field(
+        default=None, pattern=TASK_NAME_PATTERN,
+        description="Celery task of your own worker, sent {job_id, state, result | error} when the job ends.")
+    callback_queue: str | None = Field(
+        default=None, pattern=TASK_NAME_PATTERN, description="Queue of callback_task (default: celery).")
+
+    @model_validator(mode="after")
+    def _check_callback(self) -> "_JobBase":
+        if self.callback_queue and not self.callback_task:
+            raise ValueError("callback_queue: set callback_task too (the task the queue's worker runs)")
+        for name in ("callback_task", "callback_queue"):
+            if (getattr(self, name) or "").startswith(RESERVED_PREFIX):
+                raise ValueError(f"{name}: names starting with {RESERVED_PREFIX!r} belong to sdqueue itself")
+        return self
 
     @model_validator(mode="after")
     def _check_pixels(self) -> "_JobBase":

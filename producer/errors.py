@@ -47,10 +47,13 @@ class JobFailed(SdqError):
     """A job ended in failure; ``str(err)`` is the worker's message."""
 
     def __init__(self, job_id: str, message: str, error_type: str = "") -> None:
-        super().__init__(f"job {job_id} failed: {message}")
+        super().__init__(job_id, message, error_type)  # plain args survive Celery's JSON round trip
         self.job_id = job_id
         self.reason = message
         self.error_type = error_type
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} failed: {self.reason}"
 
 
 class JobCancelled(JobFailed):

@@ -10,6 +10,10 @@ INTERACTIVE_QUEUE = "sdqueue.interactive"
 BULK_QUEUE = "sdqueue.bulk"
 QUEUE_FOR_LANE = {"interactive": INTERACTIVE_QUEUE, "bulk": BULK_QUEUE}
 
+NOTIFY_TASK = "sdqueue.notify"
+NOTIFY_QUEUE = "sdqueue.notify"
+"""Webhook deliveries: a task of their own, so retries wait in Redis and survive restarts."""
+
 KEY_PREFIX = "sdq:"
 
 

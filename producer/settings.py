@@ -88,8 +88,21 @@ class Settings(BaseSettings):
     heartbeat_file: str | None = None
     ready_file: str | None = None
     metrics_port: int | None = None
+    """Serve Prometheus /metrics from the worker on this port (unset: no metrics server)."""
+    metrics_addr: str = "0.0.0.0"
 
-    @field_validator("input_buckets", "output_buckets", "compile_batch_sizes", mode="before")
+    # --- completion notifications ------------------------------------------------------------
+    webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Hosts (``host`` or ``host:port``) a job's webhook_url may point at; empty refuses all webhooks."""
+    webhook_secret: SecretStr | None = None
+    """HMAC-SHA256 key for webhook signatures (``whsec_<base64>`` or plain text)."""
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    """First retry delay; doubles per attempt (with jitter) up to webhook_backoff_max_s."""
+    webhook_backoff_max_s: float = Field(default=300.0, gt=0)
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("input_buckets", "output_buckets", "compile_batch_sizes", "webhook_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

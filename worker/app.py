@@ -22,22 +22,30 @@ from celery import signals
 from producer.celeryconfig import make_celery
 from producer.settings import get_settings
 from worker.lease import LeaseKeeper
+from worker.metrics import start_metrics
 from worker.state import start_state
 
 log = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings, "sdqueue-worker")
 app.steps["consumer"].add(LeaseKeeper)
+app.Task.Strategy = "worker.strategy:guarded"  # a malformed message must not stop the worker
 
 
 @signals.worker_init.connect
 def _load_model(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "worker"
     try:
-        start_state(settings, hostname)
+        state = start_state(settings, hostname)
     except Exception:
         log.exception("model load failed; the worker stops (fix the model setting: %s)", settings.model)
         sys.exit(1)
+    if settings.metrics_port:
+        try:
+            start_metrics(state)
+        except OSError:
+            log.exception("cannot serve metrics on port %s; the worker stops", settings.metrics_port)
+            sys.exit(1)
 
 
 @signals.worker_ready.connect
@@ -52,4 +60,4 @@ def _mark_not_ready(**_: Any) -> None:
         Path(settings.ready_file).unlink(missing_ok=True)
 
 
-from worker import tasks  # noqa: E402,F401  (registers the tasks on this app)
+from worker import notify, tasks  # noqa: E402,F401  (registers the tasks on this app)

@@ -7,12 +7,23 @@ from typing import Any
 
 from celery import Task
 
-from producer.errors import TransientError
-from producer.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK
+from producer.errors import JobCancelled, TransientError
+from producer.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
 from worker.app import app
 from worker.guards import StepSignals, count_delivery, run_lease
 from worker.jobs import JobContext, validate_payload
+from worker.events import ProgressPublisher
 from worker.state import get_state
+
+_publisher: ProgressPublisher | None = None
+
+
+def _publish(job_id: str):  # type: ignore[no-untyped-def]
+    global _publisher
+    if _publisher is None:
+        _publisher = ProgressPublisher(app, get_state().hostname)
+    publisher = _publisher
+    return lambda body: publisher.publish(job_id, body)
 
 
 def backoff_s(attempt: int, base: float, cap: float) -> float:
@@ -22,12 +33,13 @@ def backoff_s(attempt: int, base: float, cap: float) -> float:
 
 def _context(task: Task, job_id: str) -> JobContext:
     state = get_state()
-    signals = StepSignals(state.redis, job_id, state.settings.progress_interval_s)
+    signals = StepSignals(state.redis, job_id, state.settings.progress_interval_s, _publish(job_id))
     routing_key = (task.request.delivery_info or {}).get("routing_key")
     return JobContext(
         job_id=job_id, lane_rank=1 if routing_key == BULK_QUEUE else 0,
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress, is_cancelled=signals.cancelled,
+        maybe_done=bool((task.request.delivery_info or {}).get("redelivered")) or bool(task.request.retries),
     )
 
 
@@ -38,6 +50,8 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
     job_id = str(task.request.id)
     attempt = int(task.request.retries or 0)
     job = validate_payload(mode, payload, job_id, settings)
+    if state.redis.exists(cancel_key(job_id)):
+        raise JobCancelled(job_id, "cancelled before it started")
     count_delivery(state.redis, job_id, attempt, settings.max_deliveries)
     lease_ms = int(settings.visibility_timeout_s * 500)
     with run_lease(state.redis, job_id, lease_ms, state.hostname) as token:
@@ -48,6 +62,8 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
         try:
             return state.runner.run(job, _context(task, job_id))
         except TransientError as exc:
+            if attempt >= settings.max_retries:  # say so: the message must not promise a retry
+                raise TransientError(f"{exc}; gave up after {attempt + 1} attempts") from None
             raise task.retry(exc=exc, max_retries=settings.max_retries,
                              countdown=backoff_s(attempt, settings.retry_backoff_s, settings.retry_backoff_max_s))
         finally:
