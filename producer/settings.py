@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     model_revision: str | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    gpu_memory_fraction: float | None = Field(default=None, gt=0, le=1)
+    """Cap this worker's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
     compile: bool = False
     """torch.compile the UNet and VAE decoder with CUDA graphs (GPU only)."""
     compile_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8])

@@ -82,6 +82,8 @@ def load_runtime(settings: Settings) -> Runtime:
     started = time.perf_counter()
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
+    if device.type == "cuda" and settings.gpu_memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, torch.cuda.current_device())
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # an explicit setting wins
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
     txt2img = AutoPipelineForText2Image.from_pretrained(
