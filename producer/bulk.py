@@ -24,11 +24,11 @@ from celery import Celery
 
 from producer.bulk_input import Row
 from producer.celeryconfig import make_celery
-from producer.client import SdQueue
+from producer.client import SdQueue, publish_job
 from producer.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
 from producer.errors import BrokerUnavailable, SdqError
 from producer.locations import ObjectRef
-from producer.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key
+from producer.names import QUEUE_FOR_LANE, cancel_key, job_claim_key
 
 Job = Txt2ImgJob | Img2ImgJob
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -180,18 +180,11 @@ class Enqueuer:
                 job.error = f"JobIdConflict: job id {job.job_id!r} was used for a different job"
 
     def _publish(self, jobs: list[BulkJob]) -> None:
-        amqp, sent_event = self.app.amqp, self.sent_events
-        headers = {"sdq_submitted_at": time.time()}
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 2):
                 for job in jobs:
-                    name = TASK_FOR_MODE[job.spec.mode]
-                    payload = job.spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
-                    message = amqp.create_task_message(
-                        job.job_id, name, (), payload, create_sent_event=sent_event,
-                        reply_to=self.app.thread_oid, argsrepr="()", kwargsrepr=json.dumps(payload))
-                    amqp.send_task_message(producer, name, message, queue=self.queue_name, headers=headers,
-                                           retry=False, declare=[])
+                    publish_job(self.app, producer, job.job_id, job.spec, self.queue_name, self.sent_events,
+                                retry=False)
         except Exception as exc:
             self.queue.redis.delete(*[job_claim_key(job.job_id) for job in jobs])
             error = f"{type(exc).__name__}: {exc}"

@@ -70,6 +70,23 @@ class JobResult:
                    body["model_id"], body)
 
 
+def publish_job(app: Any, producer: Any, job_id: str, spec: Job, queue_name: str, sent_event: bool,
+                retry: bool) -> None:
+    """Publish one job message on ``producer``.
+
+    Built with Celery's own message factory, but without ``send_task``'s per-task result
+    subscription: a producer holds no pub/sub state per job (no leak, ~10x faster submits), and
+    ``JobHandle.wait`` subscribes only when someone waits.
+    """
+    name = TASK_FOR_MODE[spec.mode]
+    payload = spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+    message = app.amqp.create_task_message(
+        job_id, name, (), payload, create_sent_event=sent_event and bool(app.conf.task_send_sent_event),
+        argsrepr="()", kwargsrepr=json.dumps(payload))
+    app.amqp.send_task_message(producer, name, message, queue=queue_name, retry=retry, declare=[],
+                               headers={"sdq_submitted_at": time.time()})
+
+
 class SdQueue:
     """Submit and follow sdqueue jobs. Thread-safe; create one per process."""
 
@@ -117,14 +134,10 @@ class SdQueue:
         return False
 
     def _publish(self, spec: Job, job_id: str, lane: Lane) -> None:
-        payload = spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
         try:
-            self.celery.send_task(
-                TASK_FOR_MODE[spec.mode], kwargs=payload, task_id=job_id, queue=QUEUE_FOR_LANE[lane],
-                headers={"sdq_submitted_at": time.time()}, retry=True,
-            )
+            with self.celery.producer_or_acquire() as producer:
+                publish_job(self.celery, producer, job_id, spec, QUEUE_FOR_LANE[lane], sent_event=True, retry=True)
         except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
-            # RuntimeError: Celery's Redis result consumer gives up subscribing (E_RETRY_LIMIT_EXCEEDED)
             if spec.job_id:
                 self.redis.delete(job_claim_key(job_id))
             raise BrokerUnavailable(
