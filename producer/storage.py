@@ -36,6 +36,7 @@ def make_s3_client(settings: Settings) -> Any:
     config = Config(
         connect_timeout=3, read_timeout=20, retries={"max_attempts": 3, "mode": "standard"},
         s3={"addressing_style": "path"}, max_pool_connections=32,
+        signature_version="s3v4",  # presigned URLs too: botocore signs them SigV2 in us-east-1 otherwise
     )
     return boto3.client("s3", config=config, **kwargs)
 
@@ -50,9 +51,9 @@ def _classify(exc: Exception, what: str) -> Exception:
         code = _code(exc)
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in _RETRYABLE_CODES or status in _RETRYABLE_CODES:
-            return TransientError(f"{what}: storage answered {code or status}; will retry")
+            return TransientError(f"{what}: storage answered {code or status}")
         return InputImageError(f"{what}: storage refused the request ({code or status})")
-    return TransientError(f"{what}: storage unreachable ({type(exc).__name__}); will retry")
+    return TransientError(f"{what}: storage unreachable ({type(exc).__name__})")
 
 
 class Storage:
@@ -67,6 +68,8 @@ class Storage:
         limit = self.settings.max_input_bytes
         try:
             head = self.client.head_object(Bucket=ref.bucket, Key=ref.key)
+            if head["ContentLength"] == 0:  # a ranged GET of an empty object answers 416 InvalidRange
+                raise InputImageError(f"image_url {ref.url}: the object is empty; upload the image again")
             if head["ContentLength"] > limit:
                 raise InputImageError(
                     f"image_url {ref.url}: {head['ContentLength']} bytes is over the {limit}-byte limit"

@@ -42,7 +42,10 @@ def run_lease(client: redis.Redis, job_id: str, ttl_ms: int, owner: str) -> Iter
     try:
         yield token
     finally:
-        client.eval(_RELEASE, 1, run_lease_key(job_id), token)
+        try:
+            client.eval(_RELEASE, 1, run_lease_key(job_id), token)
+        except redis.RedisError:  # Redis down as the job ends: the lease expires by itself (TTL);
+            pass                  # failing here would turn a finished job into a failed one
 
 
 def renew_lease(client: redis.Redis, job_id: str, token: str, ttl_ms: int) -> bool:

@@ -31,6 +31,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise InputImageError(f"input image: more than {max_pixels} pixels; send a smaller image") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a broken header, e.g. a JPEG cut short
+            raise InputImageError(f"input image: truncated or corrupt ({exc}); upload it again") from None
     width, height = image.size
     if width * height > max_pixels or width < 1 or height < 1:
         raise InputImageError(f"input image: {width}x{height} is over the {max_pixels}-pixel limit")

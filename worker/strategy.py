@@ -16,7 +16,8 @@ Any client with broker access could stop every worker that way. Checking the sha
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
