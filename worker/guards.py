@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -53,37 +54,66 @@ def renew_lease(client: redis.Redis, job_id: str, token: str, ttl_ms: int) -> bo
 
 
 class StepSignals:
-    """Throttled progress writes and cancel checks, called from the GPU thread every step."""
+    """Progress and cancel for one job, without the GPU thread ever waiting on Redis.
 
-    def __init__(self, client: redis.Redis, job_id: str, interval_s: float, publish=None) -> None:  # type: ignore[no-untyped-def]
+    The GPU thread calls ``progress`` and ``cancelled`` every step: both only touch memory. A
+    ``SignalPump`` thread writes the latest progress and reads the cancel key every
+    ``interval_s``; ``close`` (on the job's own thread) writes the final progress.
+    """
+
+    def __init__(self, client: redis.Redis, job_id: str, publish=None) -> None:  # type: ignore[no-untyped-def]
         self.client = client
         self.job_id = job_id
-        self.interval_s = interval_s
         self.publish = publish
-        self._last_progress = 0.0
-        self._last_cancel_check = 0.0
+        self._pending: dict[str, float] | None = None
         self._cancelled = False
+        self._lock = threading.Lock()
 
     def progress(self, step: int, total: int) -> None:
-        now = time.monotonic()
-        if step < total and now - self._last_progress < self.interval_s:
-            return
-        self._last_progress = now
         body = {"step": step, "total": total, "fraction": round(step / max(total, 1), 4), "at": time.time()}
+        with self._lock:
+            self._pending = body
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def flush(self) -> None:
+        """Write pending progress and refresh the cancel flag (best effort: Redis may be down)."""
+        with self._lock:
+            body, self._pending = self._pending, None
         try:
-            self.client.set(progress_key(self.job_id), json.dumps(body), ex=DAY)
-            if self.publish:
-                self.publish(body)
+            self._cancelled = self._cancelled or bool(self.client.exists(cancel_key(self.job_id)))
+            if body is not None:
+                self.client.set(progress_key(self.job_id), json.dumps(body), ex=DAY)
+                if self.publish:
+                    self.publish(body)
         except redis.RedisError:
             pass  # progress is best effort; the job goes on
 
-    def cancelled(self) -> bool:
-        now = time.monotonic()
-        if self._cancelled or now - self._last_cancel_check < self.interval_s:
-            return self._cancelled
-        self._last_cancel_check = now
-        try:
-            self._cancelled = bool(self.client.exists(cancel_key(self.job_id)))
-        except redis.RedisError:
-            pass
-        return self._cancelled
+
+class SignalPump:
+    """One thread per worker flushing the StepSignals of the running jobs."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = max(interval_s, 0.01)
+        self._jobs: dict[str, StepSignals] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, name="sdq-signals", daemon=True).start()
+
+    def open(self, signals: StepSignals) -> StepSignals:
+        with self._lock:
+            self._jobs[signals.job_id] = signals
+        return signals
+
+    def close(self, signals: StepSignals) -> None:
+        with self._lock:
+            self._jobs.pop(signals.job_id, None)
+        signals.flush()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                running = list(self._jobs.values())
+            for signals in running:
+                signals.flush()

@@ -12,6 +12,7 @@ from producer.settings import Settings
 from producer.storage import Storage
 from worker.accel import optimise, use_compile, warm_up
 from worker.executor import GpuExecutor
+from worker.guards import SignalPump
 from worker.jobs import JobRunner
 from worker.runtime import Runtime, load_runtime
 
@@ -29,6 +30,7 @@ class WorkerState:
     storage: Storage
     redis: redis.Redis
     runner: JobRunner
+    signals: SignalPump
     running: dict[str, str] = field(default_factory=dict)
     """job id -> run-lease token of the jobs this process is running now."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -61,7 +63,8 @@ def start_state(settings: Settings, hostname: str) -> WorkerState:
     client = redis_client(settings)
     client.incr(f"sdq:model_loads:{hostname}")
     _STATE = WorkerState(settings, hostname, runtime, executor, storage, client,
-                         JobRunner(settings, runtime, executor, storage, hostname))
+                         JobRunner(settings, runtime, executor, storage, hostname),
+                         SignalPump(settings.progress_interval_s))
     return _STATE
 
 

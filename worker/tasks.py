@@ -31,9 +31,7 @@ def backoff_s(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * (2**attempt)) * random.uniform(0.5, 1.0)
 
 
-def _context(task: Task, job_id: str) -> JobContext:
-    state = get_state()
-    signals = StepSignals(state.redis, job_id, state.settings.progress_interval_s, _publish(job_id))
+def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
     routing_key = (task.request.delivery_info or {}).get("routing_key")
     return JobContext(
         job_id=job_id, lane_rank=1 if routing_key == BULK_QUEUE else 0,
@@ -60,7 +58,11 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
         with state.lock:
             state.running[job_id] = token
         try:
-            return state.runner.run(job, _context(task, job_id))
+            signals = state.signals.open(StepSignals(state.redis, job_id, _publish(job_id)))
+            try:
+                return state.runner.run(job, _context(task, job_id, signals))
+            finally:
+                state.signals.close(signals)
         except TransientError as exc:
             if attempt >= settings.max_retries:  # say so: the message must not promise a retry
                 raise TransientError(f"{exc}; gave up after {attempt + 1} attempts") from None
