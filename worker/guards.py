@@ -67,7 +67,9 @@ class StepSignals:
         self.publish = publish
         self._pending: dict[str, float] | None = None
         self._cancelled = False
+        self._closed = False
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
 
     def progress(self, step: int, total: int) -> None:
         body = {"step": step, "total": total, "fraction": round(step / max(total, 1), 4), "at": time.time()}
@@ -77,10 +79,21 @@ class StepSignals:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    def flush(self) -> None:
-        """Write pending progress and refresh the cancel flag (best effort: Redis may be down)."""
-        with self._lock:
-            body, self._pending = self._pending, None
+    def flush(self, final: bool = False) -> None:
+        """Write pending progress and refresh the cancel flag (best effort: Redis may be down).
+
+        Writes happen under the lock and never after the final flush: a PROGRESS state written
+        late would overwrite the job's SUCCESS in the result backend.
+        """
+        with self._io_lock:
+            if self._closed:
+                return
+            self._closed = final
+            with self._lock:
+                body, self._pending = self._pending, None
+            self._write(body)
+
+    def _write(self, body: dict[str, float] | None) -> None:
         try:
             self._cancelled = self._cancelled or bool(self.client.exists(cancel_key(self.job_id)))
             if body is not None:
@@ -108,7 +121,7 @@ class SignalPump:
     def close(self, signals: StepSignals) -> None:
         with self._lock:
             self._jobs.pop(signals.job_id, None)
-        signals.flush()
+        signals.flush(final=True)
 
     def _loop(self) -> None:
         while True:
