@@ -36,5 +36,9 @@ schema: install
 bench-queue: install tiny-model
 	$(PY) -m benchmarks.queue_overhead
 
+# On a GPU machine (results land in benchmarks/results/; see benchmarks/gpu_bench.py).
+bench-gpu: install
+	$(PY) -m benchmarks.gpu_bench --out benchmarks/results
+
 clean:
 	rm -rf $(VENV) .cache demo-output
