@@ -27,6 +27,8 @@ from worker.generation import GenerationRequest, run_batch
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
+HARD_LIMIT_GRACE_S = 60.0
+"""The watchdog exits the process when one pipeline call outlives the job time limit by this."""
 
 
 class _Stop(Exception):
@@ -40,12 +42,13 @@ class _Stop(Exception):
 class GpuExecutor:
     """Serialises all model work on one thread and batches compatible jobs."""
 
-    def __init__(self, runtime: Runtime, max_batch: int, flush_window_s: float, hard_limit_s: float,
+    def __init__(self, runtime: Runtime, max_batch: int, flush_window_s: float, time_limit_s: float,
                  buckets: list[int] | None = None, prepare: Callable[[], object] | None = None) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
         self.flush_window_s = flush_window_s
-        self.hard_limit_s = hard_limit_s
+        self.time_limit_s = time_limit_s
+        self.hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
         self.buckets = buckets
         self._prepare = prepare
         self.ready = threading.Event()
@@ -188,7 +191,8 @@ class GpuExecutor:
                 raise _Stop(JobCancelled(batch[0].job_id, "cancelled while running"))
             if time.monotonic() > min(request.deadline for request in batch):
                 raise _Stop(GenerationError(
-                    "stopped at the job time limit; lower steps, width/height or num_images"))
+                    f"stopped at the job time limit ({self.time_limit_s:g} s, SDQ_JOB_TIME_LIMIT_S) at step "
+                    f"{step + 1}; lower steps, width/height or num_images"))
         return on_step
 
     def _watchdog(self) -> None:

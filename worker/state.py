@@ -55,7 +55,7 @@ def start_state(settings: Settings, hostname: str) -> WorkerState:
     runtime = load_runtime(settings)
     executor = GpuExecutor(
         runtime, settings.max_batch, settings.flush_window_ms / 1000.0,
-        hard_limit_s=settings.job_time_limit_s + 60.0,
+        time_limit_s=settings.job_time_limit_s,
         buckets=settings.compile_batch_sizes if use_compile(settings, runtime) else None,
         prepare=lambda: _prepare_gpu(runtime, settings))
     executor.wait_ready()
