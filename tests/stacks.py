@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from devstack.services import ROOT, RedisServer, WorkerProcess, stack_env
 from producer.client import SdQueue
-from producer.settings import Settings
+from tests.conftest import settings_from
 
 
 @dataclass
@@ -29,11 +29,6 @@ class Stack:
     queue: SdQueue
 
 
-def settings_of(env: dict[str, str]) -> Settings:
-    values = {k[4:].lower(): v for k, v in env.items() if k.startswith("SDQ_") and k != "SDQ_READY_FILE"}
-    return Settings(**values)
-
-
 @contextmanager
 def own_stack(logdir: Path, s3_url: str, model: str, name: str, with_worker: bool = True,
               **settings: Any) -> Iterator[Stack]:
@@ -44,7 +39,7 @@ def own_stack(logdir: Path, s3_url: str, model: str, name: str, with_worker: boo
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         os.environ[key] = env[key]
     try:
-        yield Stack(redis, worker, env, SdQueue(settings_of(env)))
+        yield Stack(redis, worker, env, SdQueue(settings_from(env)))
     finally:
         if worker is not None:
             worker.stop()
