@@ -168,7 +168,11 @@ class WorkerProcess(Service):
         argv = [sys.executable, "-m", "producer.cli", "worker", "--name", self.hostname, *self.args]
         self._spawn(argv, env=self.env)
         if wait:
-            wait_for(lambda: self.ready_file.exists() or not self.alive(), timeout, f"worker {self.name}")
-            if not self.alive():
-                raise RuntimeError(f"worker {self.name} exited at start:\n{self.tail()}")
+            self.wait_ready(timeout)
         return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the worker has loaded its model and consumes; raise if it died instead."""
+        wait_for(lambda: self.ready_file.exists() or not self.alive(), timeout, f"worker {self.name}")
+        if not self.alive():
+            raise RuntimeError(f"worker {self.name} exited at start:\n{self.tail()}")

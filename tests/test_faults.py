@@ -181,7 +181,7 @@ class Cluster:
         for process in starting:
             process.start(wait=False)
         for process in starting:
-            wait_ready(process)
+            process.wait_ready()
         return [self.workers[name] for name in names]
 
     def ensure_single(self) -> WorkerProcess:
@@ -191,12 +191,6 @@ class Cluster:
 
     def by_hostname(self, hostname: str) -> WorkerProcess:
         return next(w for w in self.workers.values() if w.hostname == hostname)
-
-
-def wait_ready(process: WorkerProcess, timeout: float = 120) -> None:
-    wait_for(lambda: process.ready_file.exists() or not process.alive(), timeout, f"worker {process.name}")
-    if not process.alive():
-        raise RuntimeError(f"worker {process.name} exited at start:\n{process.tail()}")
 
 
 def worker_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict[str, str]:
@@ -515,7 +509,7 @@ def test_poison_job_stops_after_max_deliveries(cluster: Cluster) -> None:
     assert manifest_keys(cluster.s3, poison.job_id) == {}
     assert all(h.wait(timeout=120).images for h in behind)
     for process in cluster.workers.values():
-        wait_ready(process)
+        process.wait_ready()
     gaps = [b - a for a, b in zip([started] + killer.kills, killer.kills)]
     print(f"poison job: killed its worker {len(killer.kills)} times (gaps {', '.join(f'{g:.1f}' for g in gaps)}s), "
           f"failed {failed_after:.1f}s after submit: {failure.value.reason[:80]}...; 3 jobs behind it done")
