@@ -60,7 +60,6 @@ class GpuExecutor:
         self._busy_since: float | None = None
         self.batches_run = 0
         self.busy_seconds = 0.0
-        self.last_batch_size = 0
         threading.Thread(target=self._loop, name="sdq-gpu", daemon=True).start()
         threading.Thread(target=self._watchdog, name="sdq-gpu-watchdog", daemon=True).start()
 
@@ -140,6 +139,8 @@ class GpuExecutor:
         self._busy_since = started
         try:
             images = sum(len(r.seeds) for r in batch)
+            for request in batch:
+                request.batch_images = images
             pad_to = bucket_for(images, self.buckets) if self.buckets else 0
             results = run_batch(self.runtime, batch, self._step_callback(batch), pad_to)
         except _Stop as stop:
@@ -156,7 +157,6 @@ class GpuExecutor:
             self._busy_since = None
             self.busy_seconds += time.monotonic() - started
             self.batches_run += 1
-            self.last_batch_size = sum(len(r.seeds) for r in batch)
 
     def _settle(self, request: GenerationRequest, pixels: object) -> None:
         if request.cancelled():

@@ -34,6 +34,8 @@ class GenerationRequest:
     on_progress: ProgressFn | None = None
     is_cancelled: Callable[[], bool] | None = None
     future: Future = field(default_factory=Future)
+    batch_images: int = 0
+    """Images in the pipeline call this job ran in (set by the GPU thread)."""
 
     @property
     def batch_key(self) -> tuple[Any, ...]:

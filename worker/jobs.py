@@ -104,7 +104,7 @@ class JobRunner:
         generate_started = time.perf_counter()
         pixels: np.ndarray = request.future.result()
         timings["generate_s"] = time.perf_counter() - generate_started
-        batch_size = self.executor.last_batch_size
+        batch_size = request.batch_images
         images = self._store_images(job, ctx.job_id, folder, seeds, pixels, timings)
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
