@@ -6,14 +6,15 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on the CI machines' disk (an unpinned torch pulls CUDA, GBs).
 TORCH_SPEC ?= torch==2.13.0
+LINT_PATHS := producer worker devstack tests benchmarks examples
 
-.PHONY: install test test-all demo lint bench-queue bench-gpu tiny-model schema clean redis-server
+.PHONY: install test test-unit demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e '.[worker,monitor,test]'
+	$(PIP) install -q -c constraints.txt -e '.[worker,monitor,test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP) redis-server
@@ -22,16 +23,29 @@ redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
 tiny-model: install
-	$(PY) -m producer.cli build-tiny-model .cache/tiny-sd
+	$(PY) -m sdqueue.cli build-tiny-model .cache/tiny-sd
 
 test: install tiny-model
 	$(PY) -m pytest -m "not gpu" -q
+
+# The unit layer alone: seconds, no services, no model.
+test-unit: install
+	$(PY) -m pytest tests/unit -q
+
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 demo: install tiny-model
 	$(PY) -m devstack.demo
 
 schema: install
-	$(PY) -m producer.cli schema > docs/job-schema.json
+	$(PY) -m sdqueue.cli schema > docs/job-schema.json
+
+constraints: install
+	{ sed -n '1,3p' constraints.txt; $(PIP) freeze | grep -v '^-e\|^sdqueue\|^torch=\|^nvidia\|^triton'; } > constraints.new
+	mv constraints.new constraints.txt
 
 bench-queue: install tiny-model
 	$(PY) -m benchmarks.queue_overhead

@@ -21,16 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from devstack.services import RedisServer
-from producer.bulk import CHUNK, BulkOptions, BulkRun, prepare
-from producer.bulk_input import Row
-from producer.client import SdQueue
-from producer.names import BULK_QUEUE
-from producer.settings import Settings
+from sdqueue.bulk import CHUNK, BulkOptions, BulkRun, prepare
+from sdqueue.bulk_input import Row
+from sdqueue.client import SdQueue
+from sdqueue.names import BULK_QUEUE
+from sdqueue.settings import Settings
 
 
 def rows(count: int, tag: str) -> list[Row]:
-    return [Row(i + 1, {"mode": "txt2img", "prompt": f"{tag} {i}", "width": 512, "height": 512, "steps": 25,
-                        "seed": i}) for i in range(count)]
+    return [
+        Row(
+            i + 1,
+            {"mode": "txt2img", "prompt": f"{tag} {i}", "width": 512, "height": 512, "steps": 25, "seed": i},
+        )
+        for i in range(count)
+    ]
 
 
 def time_bulk(queue: SdQueue, count: int, sent_events: bool) -> dict[str, float]:
@@ -41,7 +46,7 @@ def time_bulk(queue: SdQueue, count: int, sent_events: bool) -> dict[str, float]
     run.resume()
     wall, cpu = time.perf_counter(), time.process_time()
     for start in range(0, count, CHUNK):
-        run.enqueuer.submit(jobs[start:start + CHUNK])
+        run.enqueuer.submit(jobs[start : start + CHUNK])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert queue.redis.llen(BULK_QUEUE) == count
     return {"jobs": count, "wall_s": wall, "jobs_per_s": count / wall, "client_cpu_jobs_per_s": count / cpu}
@@ -65,19 +70,29 @@ def main() -> None:
     redis = RedisServer(Path(tempfile.mkdtemp(prefix="sdq-bench-"))).start()
     try:
         queue = SdQueue(Settings(redis_url=redis.url))
-        result: dict[str, Any] = {"bulk": time_bulk(queue, args.count, False),
-                                  "bulk_sent_events": time_bulk(queue, args.count, True)}
+        result: dict[str, Any] = {
+            "bulk": time_bulk(queue, args.count, False),
+            "bulk_sent_events": time_bulk(queue, args.count, True),
+        }
         queue.redis.flushall()
         result["submit"] = time_submit(queue, args.submit_count)
     finally:
         redis.stop()
-    result["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-                         "python": platform.python_version()}
-    for name, label in (("bulk", "sdqueue bulk enqueue"), ("bulk_sent_events", "bulk, --sent-events"),
-                        ("submit", "SdQueue.submit one by one")):
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+    }
+    for name, label in (
+        ("bulk", "sdqueue bulk enqueue"),
+        ("bulk_sent_events", "bulk, --sent-events"),
+        ("submit", "SdQueue.submit one by one"),
+    ):
         figures = result[name]
-        print(f"{label:26} {figures['jobs_per_s']:6.0f} jobs/s wall ({figures['jobs']} jobs in "
-              f"{figures['wall_s']:.2f}s), {figures['client_cpu_jobs_per_s']:6.0f} jobs/s per client CPU s")
+        print(
+            f"{label:26} {figures['jobs_per_s']:6.0f} jobs/s wall ({figures['jobs']} jobs in "
+            f"{figures['wall_s']:.2f}s), {figures['client_cpu_jobs_per_s']:6.0f} jobs/s per client CPU s"
+        )
     print(f"machine: {result['machine']}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

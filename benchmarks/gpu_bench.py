@@ -15,16 +15,18 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from benchmarks.report import write_report
 from benchmarks.sd15 import build_sd15
 from devstack.services import MotoServer, RedisServer, WorkerProcess, stack_env
-from producer import SdQueue, Txt2ImgJob
-from producer.settings import Settings
+from sdqueue import SdQueue, Txt2ImgJob
+from sdqueue.settings import Settings
+from sdqueue_worker.settings import WorkerSettings
 
 UNET_TFLOP_PER_IMAGE_50 = 82.9  # design brief: 50-step, guided, 512x512 image incl. VAE decode
 
@@ -68,22 +70,40 @@ class Bench:
         self.steps = 3 if self.smoke else 50
         self.size = 64 if self.smoke else 512
         self.reps = 2 if self.smoke else 3
-        self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "steps": self.steps,
-                                        "size": self.size, "guidance_scale": 7.5, "torch": torch.__version__}
+        self.results: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "steps": self.steps,
+            "size": self.size,
+            "guidance_scale": 7.5,
+            "torch": torch.__version__,
+        }
         self.model = str(self.work / "tiny-sd") if self.smoke else ""
 
     def job(self, seed: int) -> Txt2ImgJob:
-        return Txt2ImgJob(prompt="a photograph of an astronaut riding a horse", width=self.size,
-                          height=self.size, steps=self.steps, guidance_scale=7.5, scheduler="euler", seed=seed)
+        return Txt2ImgJob(
+            prompt="a photograph of an astronaut riding a horse",
+            width=self.size,
+            height=self.size,
+            steps=self.steps,
+            guidance_scale=7.5,
+            scheduler="euler",
+            seed=seed,
+        )
 
     def pipe_call(self, pipe: Any, batch: int = 1) -> Callable[[], Any]:
-        return lambda: pipe(["a photograph of an astronaut riding a horse"] * batch, num_inference_steps=self.steps,
-                            width=self.size, height=self.size, guidance_scale=7.5, output_type="pt")
+        return lambda: pipe(
+            ["a photograph of an astronaut riding a horse"] * batch,
+            num_inference_steps=self.steps,
+            width=self.size,
+            height=self.size,
+            guidance_scale=7.5,
+            output_type="pt",
+        )
 
 
 def prepare_model(bench: Bench) -> None:
     if bench.smoke:
-        from worker.tiny_model import build_tiny_model
+        from sdqueue_worker.tiny_model import build_tiny_model
 
         build_tiny_model(bench.model)
         bench.results["device"] = "cpu (smoke run: numbers mean nothing)"
@@ -100,8 +120,9 @@ def seed_recipe(bench: Bench) -> None:
     from diffusers import StableDiffusionPipeline
 
     device = "cpu" if bench.smoke else "cuda"
-    pipe = StableDiffusionPipeline.from_pretrained(bench.model, torch_dtype=torch.float32,
-                                                   safety_checker=None).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        bench.model, torch_dtype=torch.float32, safety_checker=None
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     seconds = median_time(bench.pipe_call(pipe), bench.reps)
     bench.results["seed_recipe_s_per_image"] = seconds
@@ -124,11 +145,15 @@ def plain_fp16(bench: Bench) -> None:
     both_bytes = allocated()
     assert img2img.unet is pipe.unet
     seconds = median_time(bench.pipe_call(pipe), bench.reps)
-    bench.results.update({
-        "diffusers_fp16_bs1_s_per_image": seconds, "diffusers_fp16_bs1_images_per_s": 1 / seconds,
-        "vram_t2i_bytes": t2i_bytes, "vram_t2i_i2i_bytes": both_bytes,
-        "vram_ratio_t2i_i2i": both_bytes / t2i_bytes if t2i_bytes else 1.0,
-    })
+    bench.results.update(
+        {
+            "diffusers_fp16_bs1_s_per_image": seconds,
+            "diffusers_fp16_bs1_images_per_s": 1 / seconds,
+            "vram_t2i_bytes": t2i_bytes,
+            "vram_t2i_i2i_bytes": both_bytes,
+            "vram_ratio_t2i_i2i": both_bytes / t2i_bytes if t2i_bytes else 1.0,
+        }
+    )
     del pipe, img2img
     free()
 
@@ -151,8 +176,12 @@ def free() -> None:
 def worker_env(bench: Bench, redis: RedisServer, moto: MotoServer) -> dict[str, str]:
     overrides: dict[str, Any] = {"max_batch": 8, "flush_window_ms": 20, "job_time_limit_s": 600}
     if not bench.smoke:
-        overrides.update(device="cuda", compile="true", compile_batch_sizes="1,8",
-                         compile_cache_dir=str(bench.work / "inductor-cache"))
+        overrides.update(
+            device="cuda",
+            compile="true",
+            compile_batch_sizes="1,8",
+            compile_cache_dir=str(bench.work / "inductor-cache"),
+        )
     return stack_env(redis.url, moto.url, bench.model, **overrides)
 
 
@@ -189,22 +218,30 @@ def saturated(bench: Bench, queue: SdQueue, worker: WorkerProcess) -> None:
     time.sleep(2 * queue.settings.lease_refresh_s)
     after = heartbeat(queue, worker.hostname)
     busy = after.get("busy_s", 0.0) - before.get("busy_s", 0.0)
-    bench.results.update({
-        "worker_jobs": bench.jobs, "worker_wall_s": wall, "worker_images_per_s": bench.jobs / wall,
-        "gpu_busy_fraction": min(1.0, busy / wall) if busy else None,
-        "worker_batches": after.get("batches", 0) - before.get("batches", 0),
-        "worker_generate_s_median": statistics.median(r.timings["generate_s"] for r in results),
-    })
+    bench.results.update(
+        {
+            "worker_jobs": bench.jobs,
+            "worker_wall_s": wall,
+            "worker_images_per_s": bench.jobs / wall,
+            "gpu_busy_fraction": min(1.0, busy / wall) if busy else None,
+            "worker_batches": after.get("batches", 0) - before.get("batches", 0),
+            "worker_generate_s_median": statistics.median(r.timings["generate_s"] for r in results),
+        }
+    )
 
 
 def bare_pipeline(bench: Bench) -> None:
     """The same optimised pipeline called directly in this process (no queue, no storage)."""
-    from worker.accel import optimise, warm_up
-    from worker.runtime import load_runtime
+    from sdqueue_worker.accel import optimise, warm_up
+    from sdqueue_worker.runtime import load_runtime
 
-    settings = Settings(model=bench.model, device="cpu" if bench.smoke else "cuda",
-                        compile=not bench.smoke, compile_batch_sizes=[1],
-                        compile_cache_dir=str(bench.work / "inductor-cache"))
+    settings = WorkerSettings(
+        model=bench.model,
+        device="cpu" if bench.smoke else "cuda",
+        compile=not bench.smoke,
+        compile_batch_sizes=[1],
+        compile_cache_dir=str(bench.work / "inductor-cache"),
+    )
     runtime = load_runtime(settings)
     optimise(runtime, settings)
     bench.results["bare_pipeline_warmup_s"] = warm_up(runtime, settings)
@@ -239,15 +276,18 @@ def queue_phases(bench: Bench) -> None:
 def derived(results: dict[str, Any]) -> None:
     results["single_job_latency_ratio"] = results["single_job_latency_s"] / results["bare_pipeline_latency_s"]
     results["speedup_vs_seed_recipe"] = results["worker_images_per_s"] / results["seed_recipe_images_per_s"]
-    results["speedup_vs_diffusers_fp16_bs1"] = (results["worker_images_per_s"]
-                                                / results["diffusers_fp16_bs1_images_per_s"])
+    results["speedup_vs_diffusers_fp16_bs1"] = (
+        results["worker_images_per_s"] / results["diffusers_fp16_bs1_images_per_s"]
+    )
     if results.get("matmul_bf16_tflops"):
         achieved = results["worker_images_per_s"] * UNET_TFLOP_PER_IMAGE_50 * results["steps"] / 50
         results["mfu"] = achieved / results["matmul_bf16_tflops"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--workdir", default="/tmp/sdq-bench")
     parser.add_argument("--jobs", type=int, default=64)

@@ -25,10 +25,11 @@ import torch
 
 from benchmarks.bulk_enqueue import time_bulk
 from devstack.services import MotoServer, RedisServer, WorkerProcess, stack_env
-from producer import SdQueue, Txt2ImgJob
-from producer.settings import Settings
-from worker.runtime import load_runtime
-from worker.tiny_model import build_tiny_model
+from sdqueue import SdQueue, Txt2ImgJob
+from sdqueue.settings import Settings
+from sdqueue_worker.runtime import load_runtime
+from sdqueue_worker.settings import WorkerSettings
+from sdqueue_worker.tiny_model import build_tiny_model
 
 JOB = dict(prompt="a small red boat", width=64, height=64, steps=1, guidance_scale=7.5, scheduler="euler")
 
@@ -40,23 +41,35 @@ def percentile(values: list[float], q: float) -> float:
 
 def bare_call(model: str):  # type: ignore[no-untyped-def]
     """The same job as a bare pipeline call in this process (the baseline)."""
-    runtime = load_runtime(Settings(model=model, device="cpu"))
+    runtime = load_runtime(WorkerSettings(model=model, device="cpu"))
     pipe = runtime.txt2img
     pipe.scheduler = runtime.schedulers["euler"]
 
     def call() -> float:
         began = time.perf_counter()
         with torch.inference_mode():
-            pipe([JOB["prompt"]], width=64, height=64, num_inference_steps=1, output_type="pt",
-                 generator=[torch.Generator().manual_seed(1)])
+            pipe(
+                [JOB["prompt"]],
+                width=64,
+                height=64,
+                num_inference_steps=1,
+                output_type="pt",
+                generator=[torch.Generator().manual_seed(1)],
+            )
         return time.perf_counter() - began
+
     return call
 
 
 def run_jobs(queue: SdQueue, count: int, bare) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
     """Queued jobs one at a time, each right after a bare call, so both see the same machine load."""
-    figures: dict[str, list[float]] = {"end_to_end_s": [], "queue_wait_s": [], "generate_s": [],
-                                       "outside_s": [], "bare_pipeline_s": []}
+    figures: dict[str, list[float]] = {
+        "end_to_end_s": [],
+        "queue_wait_s": [],
+        "generate_s": [],
+        "outside_s": [],
+        "bare_pipeline_s": [],
+    }
     for seed in range(count + 3):
         bare_s = bare()
         began = time.perf_counter()
@@ -104,15 +117,27 @@ def main() -> None:
         redis.stop()
         moto.stop()
     results["end_to_end_over_bare_p50"] = results["end_to_end_s_p50"] / results["bare_pipeline_s_p50"]
-    results.update(jobs=args.jobs, job=JOB, date=time.strftime("%Y-%m-%d"),
-                   machine={"device": "cpu", "cpus": os.cpu_count(), "python": platform.python_version(),
-                            "load_avg_1m": round(os.getloadavg()[0], 2)})
+    results.update(
+        jobs=args.jobs,
+        job=JOB,
+        date=time.strftime("%Y-%m-%d"),
+        machine={
+            "device": "cpu",
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
+    )
     out = Path(args.out) / f"queue-overhead-cpu-{results['date']}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     for key in ("queue_wait_s", "outside_s", "end_to_end_s", "generate_s"):
-        print(f"{key:14} p50 {results[key + '_p50'] * 1000:7.1f} ms   p99 {results[key + '_p99'] * 1000:7.1f} ms")
-    print(f"bare pipeline  {results['bare_pipeline_s_p50'] * 1000:7.1f} ms; end to end / bare (p50) "
-          f"{results['end_to_end_over_bare_p50']:.2f}x; bulk enqueue {results['bulk_enqueue_jobs_per_s']:.0f} jobs/s")
+        print(
+            f"{key:14} p50 {results[key + '_p50'] * 1000:7.1f} ms   p99 {results[key + '_p99'] * 1000:7.1f} ms"
+        )
+    print(
+        f"bare pipeline  {results['bare_pipeline_s_p50'] * 1000:7.1f} ms; end to end / bare (p50) "
+        f"{results['end_to_end_over_bare_p50']:.2f}x; bulk enqueue {results['bulk_enqueue_jobs_per_s']:.0f} jobs/s"
+    )
     print(f"wrote {out}")
 
 

@@ -19,15 +19,27 @@ def slug(text: str) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"Device: {results['device']} | {results['size']}x{results['size']}, {results['steps']} steps, "
-             f"guidance {results['guidance_scale']} | torch {results['torch']} | {results['date']}", "",
-             "| system | images/s | vs seed recipe |", "| --- | ---: | ---: |"]
+    lines = [
+        f"Device: {results['device']} | {results['size']}x{results['size']}, {results['steps']} steps, "
+        f"guidance {results['guidance_scale']} | torch {results['torch']} | {results['date']}",
+        "",
+        "| system | images/s | vs seed recipe |",
+        "| --- | ---: | ---: |",
+    ]
     base = results["seed_recipe_images_per_s"]
     lines += [f"| {name} | {results[key]:.3f} | {results[key] / base:.2f}x |" for name, key in ROWS]
     lines += ["", "| measure | value |", "| --- | ---: |"]
-    for key in ("single_job_latency_s", "bare_pipeline_latency_s", "single_job_latency_ratio",
-                "gpu_busy_fraction", "mfu", "cold_start_s", "cold_start_warm_cache_s", "vram_ratio_t2i_i2i",
-                "speedup_vs_diffusers_fp16_bs1"):
+    for key in (
+        "single_job_latency_s",
+        "bare_pipeline_latency_s",
+        "single_job_latency_ratio",
+        "gpu_busy_fraction",
+        "mfu",
+        "cold_start_s",
+        "cold_start_warm_cache_s",
+        "vram_ratio_t2i_i2i",
+        "speedup_vs_diffusers_fp16_bs1",
+    ):
         value = results.get(key)
         lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
     return "\n".join(lines) + "\n"

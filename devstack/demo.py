@@ -19,8 +19,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from devstack.services import ROOT, MotoServer, RedisServer, WorkerProcess, port_open, stack_env
-from producer import Img2ImgJob, SdQueue, Txt2ImgJob
-from producer.settings import Settings
+from sdqueue import Img2ImgJob, SdQueue, Txt2ImgJob
+from sdqueue.settings import Settings
 
 OUTPUT = ROOT / "demo-output"
 
@@ -30,8 +30,10 @@ def sample_image(size: int = 256) -> bytes:
     image = Image.new("RGB", (size, size), (120, 170, 230))
     draw = ImageDraw.Draw(image)
     draw.ellipse((size * 0.6, size * 0.1, size * 0.85, size * 0.35), fill=(250, 220, 90))
-    draw.polygon([(0, size), (0, size * 0.6), (size * 0.4, size * 0.45), (size, size * 0.7), (size, size)],
-                 fill=(70, 140, 70))
+    draw.polygon(
+        [(0, size), (0, size * 0.6), (size * 0.4, size * 0.45), (size, size * 0.7), (size, size)],
+        fill=(70, 140, 70),
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -50,10 +52,20 @@ def redis_url(workdir: Path, started: list) -> str:  # type: ignore[type-arg]
 def run_jobs(queue: SdQueue) -> list[tuple[str, object]]:
     storage = queue.storage.client
     storage.put_object(Bucket="sdqueue", Key="inputs/demo-landscape.png", Body=sample_image())
-    txt = queue.submit(Txt2ImgJob(prompt="a lighthouse at dusk", width=128, height=128, steps=20, seed=42,
-                                  num_images=2))
-    img = queue.submit(Img2ImgJob(prompt="the same landscape in autumn", image_url="s3://sdqueue/inputs/demo-landscape.png",
-                                  width=128, height=128, steps=20, strength=0.3, seed=42))
+    txt = queue.submit(
+        Txt2ImgJob(prompt="a lighthouse at dusk", width=128, height=128, steps=20, seed=42, num_images=2)
+    )
+    img = queue.submit(
+        Img2ImgJob(
+            prompt="the same landscape in autumn",
+            image_url="s3://sdqueue/inputs/demo-landscape.png",
+            width=128,
+            height=128,
+            steps=20,
+            strength=0.3,
+            seed=42,
+        )
+    )
     print(f"submitted txt2img {txt.job_id} and img2img {img.job_id}; waiting...")
     return [("txt2img", txt.wait(timeout=300)), ("img2img", img.wait(timeout=300))]
 
@@ -63,11 +75,15 @@ def report(queue: SdQueue, results: list) -> None:  # type: ignore[type-arg]
     for mode, result in results:
         urls = queue.presigned_urls(result, expires_s=3600)
         print(f"\n{mode} job {result.job_id}: manifest {result.manifest_url}")
-        for image, http_url in zip(result.images, urls):
+        for image, http_url in zip(result.images, urls, strict=False):
             local = OUTPUT / f"{mode}-{image.index}.png"
-            local.write_bytes(queue.storage.client.get_object(Bucket=image.bucket, Key=image.key)["Body"].read())
-            print(f"  image {image.index} seed {image.seed}: {image.url}\n    -> {local.relative_to(ROOT)}"
-                  f"\n    presigned: {http_url[:100]}...")
+            local.write_bytes(
+                queue.storage.client.get_object(Bucket=image.bucket, Key=image.key)["Body"].read()
+            )
+            print(
+                f"  image {image.index} seed {image.seed}: {image.url}\n    -> {local.relative_to(ROOT)}"
+                f"\n    presigned: {http_url[:100]}..."
+            )
         print("  timings: " + json.dumps({k: round(v, 3) for k, v in result.timings.items()}))
 
 

@@ -11,8 +11,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,8 +49,9 @@ class Service:
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
 
     @property
     def pid(self) -> int:
@@ -88,8 +90,9 @@ class Service:
 class RedisServer(Service):
     """A real redis-server on a free port; with ``appendonly`` it survives restarts."""
 
-    def __init__(self, logdir: Path, appendonly: bool = False, port: int | None = None,
-                 password: str | None = None) -> None:
+    def __init__(
+        self, logdir: Path, appendonly: bool = False, port: int | None = None, password: str | None = None
+    ) -> None:
         super().__init__(f"redis-{port or 'x'}", logdir)
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -101,13 +104,27 @@ class RedisServer(Service):
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.datadir),
-                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-                "--maxmemory-policy", "noeviction"]
+        argv = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.datadir),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+        ]
         if self.password:
             argv += ["--requirepass", self.password]
         self._spawn(argv)
@@ -126,7 +143,7 @@ class MotoServer(Service):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "MotoServer":
+    def start(self) -> MotoServer:
         self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)])
         wait_for(self._healthy, 20, "moto server")
         return self
@@ -142,12 +159,20 @@ class MotoServer(Service):
 def stack_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict[str, str]:
     """Environment for a producer or worker talking to the local services."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDQ_")}
-    env.update({
-        "SDQ_REDIS_URL": redis_url, "SDQ_S3_ENDPOINT_URL": s3_url, "SDQ_MODEL": model,
-        "SDQ_OUTPUT_BUCKET": "sdqueue", "SDQ_INPUT_BUCKETS": "sdqueue,inputs",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "SDQ_REDIS_URL": redis_url,
+            "SDQ_S3_ENDPOINT_URL": s3_url,
+            "SDQ_MODEL": model,
+            "SDQ_OUTPUT_BUCKET": "sdqueue",
+            "SDQ_INPUT_BUCKETS": "sdqueue,inputs",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     env.update({f"SDQ_{k.upper()}": str(v) for k, v in overrides.items()})
     return env
 
@@ -155,7 +180,9 @@ def stack_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict
 class WorkerProcess(Service):
     """A real worker process started through ``sdqueue worker``."""
 
-    def __init__(self, logdir: Path, env: dict[str, str], name: str = "worker", args: list[str] | None = None) -> None:
+    def __init__(
+        self, logdir: Path, env: dict[str, str], name: str = "worker", args: list[str] | None = None
+    ) -> None:
         super().__init__(name, logdir)
         self.env = dict(env)
         self.args = args or []
@@ -163,9 +190,9 @@ class WorkerProcess(Service):
         self.env["SDQ_READY_FILE"] = str(self.ready_file)
         self.hostname = f"{name}@sdqueue-test"
 
-    def start(self, wait: bool = True, timeout: float = 120.0) -> "WorkerProcess":
+    def start(self, wait: bool = True, timeout: float = 120.0) -> WorkerProcess:
         self.ready_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "producer.cli", "worker", "--name", self.hostname, *self.args]
+        argv = [sys.executable, "-m", "sdqueue.cli", "worker", "--name", self.hostname, *self.args]
         self._spawn(argv, env=self.env)
         if wait:
             self.wait_ready(timeout)

@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from fastapi import Body, FastAPI, HTTPException, Request, Response
 
-from producer import BrokerUnavailable, JobFailed, JobIdConflict, JobValidationError, SdQueue
-from producer.contract import is_valid_job_id
-from producer.names import job_claim_key
-from producer.webhooks import WebhookSignatureError, verify
+from sdqueue import BrokerUnavailable, JobFailed, JobIdConflict, JobValidationError, SdQueue
+from sdqueue.contract import is_valid_job_id
+from sdqueue.names import job_claim_key
+from sdqueue.webhooks import WebhookSignatureError, verify
 
 
 def _known(queue: SdQueue, job_id: str) -> None:
@@ -35,14 +35,17 @@ def _known(queue: SdQueue, job_id: str) -> None:
 def create_app(queue: SdQueue | None = None, webhook_secret: str | None = None) -> FastAPI:
     """The FastAPI app; ``queue`` defaults to ``SdQueue()`` (settings from SDQ_* environment)."""
     queue = queue or SdQueue()
-    secret = webhook_secret or (queue.settings.webhook_secret.get_secret_value()
-                                if queue.settings.webhook_secret else None)
+    secret = webhook_secret or (
+        queue.settings.webhook_secret.get_secret_value() if queue.settings.webhook_secret else None
+    )
     app = FastAPI(title="sdqueue example backend")
     app.state.notifications = []
 
     @app.post("/jobs", status_code=202)
-    def submit(job: dict[str, Any] = Body(...),
-               lane: Literal["interactive", "bulk"] = "interactive") -> dict[str, Any]:
+    def submit(
+        job: dict[str, Any] = Body(...),  # noqa: B008 (FastAPI declares request bodies this way)
+        lane: Literal["interactive", "bulk"] = "interactive",
+    ) -> dict[str, Any]:
         spec = {**job, "job_id": job.get("job_id") or uuid.uuid4().hex}
         try:
             handle = queue.submit(spec, lane=lane)
@@ -66,7 +69,9 @@ def create_app(queue: SdQueue | None = None, webhook_secret: str | None = None) 
         else:
             if result is not None:
                 urls = queue.presigned_urls(result)
-                body["images"] = [{"url": url, "seed": image.seed} for image, url in zip(result.images, urls)]
+                body["images"] = [
+                    {"url": url, "seed": image.seed} for image, url in zip(result.images, urls, strict=False)
+                ]
         return body
 
     @app.delete("/jobs/{job_id}", status_code=202)

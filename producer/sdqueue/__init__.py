@@ -1,0 +1,40 @@
+"""sdqueue producer: the job contract and the client. Never imports torch."""
+
+from sdqueue.client import ImageResult, JobHandle, JobResult, SdQueue
+from sdqueue.contract import Img2ImgJob, OutputLocation, Txt2ImgJob, parse_job
+from sdqueue.errors import (
+    BrokerUnavailable,
+    GenerationError,
+    InputImageError,
+    JobCancelled,
+    JobFailed,
+    JobIdConflict,
+    JobValidationError,
+    SdqError,
+    TransientError,
+    WaitTimeout,
+)
+from sdqueue.settings import Settings, get_settings
+
+__all__ = [
+    "BrokerUnavailable",
+    "GenerationError",
+    "ImageResult",
+    "Img2ImgJob",
+    "InputImageError",
+    "JobCancelled",
+    "JobFailed",
+    "JobHandle",
+    "JobIdConflict",
+    "JobResult",
+    "JobValidationError",
+    "OutputLocation",
+    "SdQueue",
+    "SdqError",
+    "Settings",
+    "Txt2ImgJob",
+    "TransientError",
+    "WaitTimeout",
+    "get_settings",
+    "parse_job",
+]

@@ -1,0 +1,147 @@
+"""Read bulk job files: JSONL (one job object a line) or CSV (one job a row, columns = spec fields).
+
+CSV cells are typed by the job contract: ``steps`` becomes an int, ``guidance_scale`` a float,
+``output.bucket`` fills the nested ``output`` object; an empty cell leaves the field at its
+default. In JSONL, blank lines and lines starting with ``#`` are skipped. Every problem is
+reported with its line number, and a file with any problem submits nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import types
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from sdqueue.contract import Img2ImgJob, OutputLocation, Txt2ImgJob
+
+FORMATS = ("jsonl", "csv")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One job line of the input: its 1-based line number and the raw spec, or why it is unusable."""
+
+    line: int
+    spec: dict[str, Any] | None
+    error: str | None = None
+
+
+def _scalar(annotation: Any) -> type:
+    """The plain type (int, float, str) behind Optional[...], Annotated[...] and Literal[...]."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return _scalar(next(arg for arg in get_args(annotation) if arg is not type(None)))
+    if origin is Literal:
+        return type(get_args(annotation)[0])
+    return annotation if isinstance(annotation, type) else str
+
+
+def _column_types() -> dict[str, type]:
+    types_: dict[str, type] = {}
+    for model in (Txt2ImgJob, Img2ImgJob):
+        types_.update({name: _scalar(field.annotation) for name, field in model.model_fields.items()})
+    types_.pop("output")
+    for name, field in OutputLocation.model_fields.items():
+        types_[f"output.{name}"] = _scalar(field.annotation)
+    return types_
+
+
+COLUMN_TYPES = _column_types()
+
+
+def _convert(column: str, value: str) -> Any:
+    kind = COLUMN_TYPES[column]
+    if kind is int:
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"column {column!r}: {value!r} is not a whole number") from None
+    if kind is float:
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise ValueError(f"column {column!r}: {value!r} is not a number") from None
+    return value
+
+
+def spec_from_cells(cells: dict[str, str]) -> dict[str, Any]:
+    """A job spec from one CSV row (column -> text); empty cells are left out."""
+    spec: dict[str, Any] = {}
+    for column, value in cells.items():
+        if value is None or value == "":
+            continue
+        typed = _convert(column, value)
+        if column.startswith("output."):
+            spec.setdefault("output", {})[column.removeprefix("output.")] = typed
+        else:
+            spec[column] = typed
+    return spec
+
+
+def read_jsonl(lines: Iterable[str]) -> Iterator[Row]:
+    """Rows of a JSONL stream (blank and ``#`` lines skipped, line numbers kept)."""
+    for number, text in enumerate(lines, start=1):
+        text = text.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Row(number, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(spec, dict):
+            yield Row(number, None, f"a job must be a JSON object, got {type(spec).__name__}")
+        else:
+            yield Row(number, spec)
+
+
+def read_csv(lines: Iterable[str]) -> Iterator[Row]:
+    """Rows of a CSV stream whose header names job fields (first line is the header)."""
+    reader = csv.DictReader(lines, strict=True)
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        yield Row(1, None, f"unreadable CSV header ({exc})")
+        return
+    unknown = [column for column in header if column not in COLUMN_TYPES]
+    if unknown or not header:
+        known = ", ".join(sorted(COLUMN_TYPES))
+        yield Row(1, None, f"unknown column(s) {unknown or '(no header)'}; columns are job fields: {known}")
+        return
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield Row(start, None, f"unreadable CSV ({exc})")
+            return
+        if None in cells:
+            yield Row(start, None, f"{len(header) + len(cells[None])} cells but {len(header)} columns")
+            continue
+        try:
+            yield Row(start, spec_from_cells(cells))
+        except ValueError as exc:
+            yield Row(start, None, str(exc))
+
+
+def read_rows(lines: Iterable[str], fmt: str, default_mode: str | None = None) -> list[Row]:
+    """All rows of a JSONL or CSV stream; ``default_mode`` fills rows that name no mode."""
+    reader = read_csv if fmt == "csv" else read_jsonl
+    rows = []
+    for row in reader(lines):
+        if row.spec is not None and default_mode and "mode" not in row.spec:
+            row = Row(row.line, {"mode": default_mode, **row.spec})
+        rows.append(row)
+    return rows
+
+
+def guess_format(path: str) -> str:
+    """csv for ``*.csv``, jsonl for anything else (``-`` included)."""
+    return "csv" if path.lower().endswith(".csv") else "jsonl"

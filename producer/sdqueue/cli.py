@@ -1,0 +1,416 @@
+"""The ``sdqueue`` command line: submit, status, wait, cancel, bulk, worker, schema, tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from sdqueue.errors import (
+    BrokerUnavailable,
+    JobFailed,
+    JobIdConflict,
+    JobValidationError,
+    SdqError,
+    WaitTimeout,
+)
+
+Handler = Callable[[argparse.Namespace], int]
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_BROKER = 0, 1, 2, 3
+
+DESCRIPTION = """\
+Stable Diffusion job queue: producers enqueue txt2img/img2img jobs through Celery to Redis;
+one GPU worker loads the model once and writes PNGs plus a manifest to S3.
+Settings come from SDQ_* environment variables (SDQ_REDIS_URL, SDQ_S3_ENDPOINT_URL, ...)."""
+
+EPILOG = """\
+examples:
+  sdqueue submit txt2img "a lighthouse at dusk" --seed 7 --wait
+  sdqueue submit img2img "as a watercolour" --image-url s3://inputs/photo.png --strength 0.5
+  sdqueue status 3f2a...            state, progress and images of a job
+  sdqueue cancel 3f2a...            a queued job never runs; a running one stops at its next step
+  sdqueue bulk prompts.csv --max-in-flight 200 --report report.jsonl
+  sdqueue worker --name gpu0@host   run the GPU worker (model from SDQ_MODEL)
+
+exit codes: 0 ok, 1 a job failed, was cancelled or is unfinished, 2 invalid input, 3 Redis unreachable"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdqueue")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _queue() -> Any:
+    from sdqueue.client import SdQueue
+
+    return SdQueue()
+
+
+def _print(body: Any, indent: int | None = 1, stream: TextIO | None = None) -> None:
+    print(json.dumps(body, indent=indent), file=stream or sys.stdout)
+
+
+SPEC_OPTIONS = (
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "num_images",
+    "scheduler",
+    "job_id",
+    "image_url",
+    "strength",
+    "webhook_url",
+    "callback_task",
+    "callback_queue",
+)
+
+
+def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    job: dict[str, Any] = {"mode": args.mode, "prompt": args.prompt}
+    job.update({name: getattr(args, name) for name in SPEC_OPTIONS if getattr(args, name, None) is not None})
+    if args.output_bucket:
+        job["output"] = {"bucket": args.output_bucket, "prefix": args.output_prefix or "outputs"}
+    return job
+
+
+def _failure(job_id: str, exc: JobFailed) -> int:
+    state = "cancelled" if type(exc).__name__ == "JobCancelled" else "failed"
+    _print({"job_id": job_id, "state": state, "error": exc.reason, "error_type": exc.error_type})
+    return EXIT_FAILED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    queue = _queue()
+    handle = queue.submit(_job_from_args(args), lane=args.lane)
+    if not args.wait:
+        _print({"job_id": handle.job_id, "state": handle.state()}, indent=None)
+        return EXIT_OK
+    try:
+        result = handle.wait(timeout=args.timeout)
+    except JobFailed as exc:
+        return _failure(handle.job_id, exc)
+    urls = queue.presigned_urls(result)
+    _print(
+        {
+            "job_id": result.job_id,
+            "state": "succeeded",
+            "images": [
+                {"url": i.url, "seed": i.seed, "http_url": u}
+                for i, u in zip(result.images, urls, strict=False)
+            ],
+            "manifest_url": result.manifest_url,
+            "timings": result.timings,
+        }
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    handle = _queue().handle(args.job_id)
+    body: dict[str, Any] = {"job_id": args.job_id, "state": handle.state(), "progress": handle.progress()}
+    try:
+        result = handle.result()
+        if result:
+            body["images"] = [i.url for i in result.images]
+    except JobFailed as exc:
+        body["error"] = exc.reason
+    _print(body)
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    try:
+        result = _queue().handle(args.job_id).wait(timeout=args.timeout)
+    except JobFailed as exc:
+        return _failure(args.job_id, exc)
+    _print({"job_id": result.job_id, "state": "succeeded", "images": [i.url for i in result.images]})
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    _queue().handle(args.job_id).cancel()
+    _print({"job_id": args.job_id, "cancel": "requested"}, indent=None)
+    return EXIT_OK
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    from sdqueue.bulk_cli import run_bulk_command
+
+    return run_bulk_command(args, _queue())
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from sdqueue.contract import job_json_schema
+
+    print(json.dumps(job_json_schema(), indent=1, sort_keys=True))
+    return EXIT_OK
+
+
+class WorkerNotInstalled(SdqError):
+    """A worker command was run where only the client is installed."""
+
+
+def _worker_side(module: str) -> Any:
+    """Import a module of the worker package, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] in ("sdqueue_worker", "torch", "diffusers", "transformers"):
+            raise WorkerNotInstalled(
+                f'this command needs the GPU worker ({exc.name} is missing): pip install "sdqueue[worker]"'
+            ) from None
+        raise
+
+
+def cmd_build_tiny_model(args: argparse.Namespace) -> int:
+    print(_worker_side("sdqueue_worker.tiny_model").build_tiny_model(args.path, force=args.force))
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return int(_worker_side("sdqueue_worker.launch").run_worker(args.gpus, args.name, args.loglevel))
+
+
+def _parser(sub: Any, name: str, func: Handler, help_text: str, description: str, epilog: str = "") -> Any:
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=epilog or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _spec_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job spec (defaults and limits: sdqueue schema)")
+    g.add_argument("--negative-prompt", dest="negative_prompt", metavar="TEXT")
+    g.add_argument("--seed", type=int, help="base seed; image i gets seed+i (default: from the job id)")
+    g.add_argument("--steps", type=int, help="denoising steps (default 30)")
+    g.add_argument("--guidance-scale", dest="guidance_scale", type=float, metavar="G", help="default 7.5")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 8 (default 512)")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 8 (default 512)")
+    g.add_argument("--num-images", dest="num_images", type=int, metavar="N", help="images of this job (1-8)")
+    g.add_argument("--scheduler", help="default, euler, euler_a, ddim, dpmpp_2m, pndm or unipc")
+    g.add_argument("--image-url", dest="image_url", metavar="URL", help="img2img input: s3://bucket/key")
+    g.add_argument("--strength", type=float, help="img2img: how far from the input (0-1, default 0.6)")
+    g.add_argument("--job-id", dest="job_id", help="idempotency key: the same id twice runs once")
+    g.add_argument("--output-bucket", dest="output_bucket", metavar="BUCKET")
+    g.add_argument("--output-prefix", dest="output_prefix", metavar="PREFIX")
+    n = p.add_argument_group("completion notification")
+    n.add_argument(
+        "--webhook-url",
+        dest="webhook_url",
+        metavar="URL",
+        help="signed POST when the job ends (host must be in SDQ_WEBHOOK_HOSTS)",
+    )
+    n.add_argument(
+        "--callback-task",
+        dest="callback_task",
+        metavar="TASK",
+        help="Celery task of your own worker, sent {job_id, state, result|error}",
+    )
+    n.add_argument(
+        "--callback-queue", dest="callback_queue", metavar="QUEUE", help="its queue (default celery)"
+    )
+
+
+def _submit_parser(sub: Any) -> None:
+    p = _parser(
+        sub,
+        "submit",
+        cmd_submit,
+        "validate and enqueue one job",
+        "Validate a job against the contract and enqueue it; prints its id at once,\n"
+        "or with --wait its images (s3:// and presigned http URLs) when it is done.",
+        'examples:\n  sdqueue submit txt2img "a red fox" --seed 7 --steps 25 --wait\n'
+        '  sdqueue submit img2img "in snow" --image-url s3://inputs/fox.png --strength 0.4\n'
+        '  sdqueue submit txt2img "a fox" --job-id fox-1   # resubmitting fox-1 runs nothing new',
+    )
+    p.add_argument("mode", choices=["txt2img", "img2img"])
+    p.add_argument("prompt")
+    _spec_options(p)
+    p.add_argument(
+        "--lane",
+        choices=["interactive", "bulk"],
+        default="interactive",
+        help="queue: interactive jobs are always taken before bulk ones (default interactive)",
+    )
+    p.add_argument("--wait", action="store_true", help="wait and print the result with presigned URLs")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+
+
+def _bulk_parser(sub: Any) -> None:
+    p = _parser(
+        sub,
+        "bulk",
+        cmd_bulk,
+        "run every job of a JSONL or CSV file, with resume and a report",
+        "Submit every job of FILE (JSONL: one job object a line; CSV: a header of job fields,\n"
+        "cells typed by the contract, output.bucket/output.prefix for the output) and follow\n"
+        "them to the end. Never more than --max-in-flight jobs are queued or running. Each\n"
+        "line gets a stable job id (its job_id, else a hash of line number and spec), so\n"
+        "running the same file again skips what is done and follows what is still running.\n"
+        "Progress goes to stderr; the summary (JSON) to stdout.",
+        "examples:\n  sdqueue bulk jobs.jsonl --report report.jsonl\n"
+        "  sdqueue bulk prompts.csv --mode txt2img --max-in-flight 500\n"
+        "  generate_jobs | sdqueue bulk - --dry-run     # validate only\n\n"
+        "exit codes: 0 all succeeded, 1 some failed/cancelled/unfinished, 2 invalid input,\n"
+        "3 Redis unreachable, 130 interrupted (run it again to resume)",
+    )
+    p.add_argument("file", help="job file, or - for stdin")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv for *.csv, else jsonl")
+    p.add_argument("--mode", choices=["txt2img", "img2img"], help="mode of lines that name none")
+    p.add_argument("--lane", choices=["interactive", "bulk"], default="bulk", help="queue (default bulk)")
+    p.add_argument(
+        "--max-in-flight",
+        dest="max_in_flight",
+        type=int,
+        default=100,
+        metavar="N",
+        help="most jobs submitted and unfinished at once (default 100)",
+    )
+    p.add_argument(
+        "--report", metavar="PATH", help="write one JSON line per job: line, job_id, state, images or error"
+    )
+    p.add_argument("--presign", action="store_true", help="add presigned http URLs to the report")
+    p.add_argument(
+        "--retry-failed",
+        dest="retry_failed",
+        action="store_true",
+        help="run again the jobs that failed in an earlier run of this file",
+    )
+    p.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="validate every line and print the job ids; submit nothing",
+    )
+    p.add_argument(
+        "--timeout", type=float, metavar="S", help="stop following after S seconds (the jobs go on)"
+    )
+    p.add_argument(
+        "--poll-interval",
+        dest="poll_s",
+        type=float,
+        default=0.2,
+        metavar="S",
+        help="seconds between state checks (default 0.2)",
+    )
+    p.add_argument("--silent", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--sent-events",
+        dest="sent_events",
+        action="store_true",
+        help="also publish Celery's task-sent event per job, so Flower lists jobs while queued "
+        "(off by default: enqueue is ~2x slower and Flower's task list fills up)",
+    )
+
+
+def _job_id_parsers(sub: Any) -> None:
+    for name, func, text, description in (
+        (
+            "status",
+            cmd_status,
+            "state, progress and result of a job",
+            "Print a job's state (queued, running, retrying, succeeded, failed, cancelled),\n"
+            "its latest denoising progress, and its images or error.",
+        ),
+        (
+            "wait",
+            cmd_wait,
+            "wait for a job and print its images",
+            "Block until a job ends; exit 1 if it failed or was cancelled.",
+        ),
+        (
+            "cancel",
+            cmd_cancel,
+            "cancel a queued or running job",
+            "Cancel a job: a queued one never runs; a running one stops at its next denoising\n"
+            "step, ends cancelled and writes no manifest.",
+        ),
+    ):
+        p = _parser(sub, name, func, text, description, f"example:\n  sdqueue {name} 3f2a9c...")
+        p.add_argument("job_id")
+        if name == "wait":
+            p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+
+
+def _other_parsers(sub: Any) -> None:
+    p = _parser(
+        sub,
+        "worker",
+        cmd_worker,
+        "run one GPU worker (settings from SDQ_* environment)",
+        "Run the Celery worker for one GPU: threads pool, prefetch 1, task events on,\n"
+        "queues sdqueue.notify, sdqueue.interactive, sdqueue.bulk (in that order).\n"
+        "The model (SDQ_MODEL) loads once at start; SDQ_METRICS_PORT serves Prometheus metrics.",
+        "example:\n  SDQ_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5 SDQ_METRICS_PORT=9808 \\\n"
+        "    sdqueue worker --name gpu0@$(hostname)",
+    )
+    p.add_argument("--name", help="Celery node name (default: celery@hostname)")
+    p.add_argument("--gpus", help="one single-concurrency worker per GPU on this host: 'all' or ids like 0,1")
+    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    _parser(
+        sub,
+        "schema",
+        cmd_schema,
+        "print the JSON Schema of the job payload",
+        "Print the JSON Schema of the task kwargs, for producers in other languages.",
+    )
+    p = _parser(
+        sub,
+        "build-tiny-model",
+        cmd_build_tiny_model,
+        "build the tiny random SD pipeline used by tests and the demo",
+        "Build a tiny randomly initialised SD pipeline (same code path as SD 1.x) and save it.",
+    )
+    p.add_argument("path", nargs="?", default=".cache/tiny-sd")
+    p.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdqueue",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sdqueue {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _submit_parser(sub)
+    _job_id_parsers(sub)
+    _bulk_parser(sub)
+    _other_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (JobValidationError, JobIdConflict) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except BrokerUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BROKER
+    except (JobFailed, WaitTimeout, SdqError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs.
+
+The worker's side (input download with limits, conditional writes) is
+``sdqueue_worker.storage``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from sdqueue.locations import ObjectRef
+from sdqueue.settings import Settings
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the configured endpoint, with short timeouts and standard retries."""
+    kwargs: dict[str, Any] = {"region_name": settings.s3_region}
+    if settings.s3_endpoint_url:
+        kwargs["endpoint_url"] = settings.s3_endpoint_url
+    if settings.s3_access_key_id and settings.s3_secret_access_key:
+        kwargs["aws_access_key_id"] = settings.s3_access_key_id.get_secret_value()
+        kwargs["aws_secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
+    config = Config(
+        connect_timeout=3,
+        read_timeout=20,
+        retries={"max_attempts": 3, "mode": "standard"},
+        s3={"addressing_style": "path"},
+        max_pool_connections=32,
+        signature_version="s3v4",  # presigned URLs too: botocore signs them SigV2 in us-east-1 otherwise
+    )
+    return boto3.client("s3", config=config, **kwargs)
+
+
+class Storage:
+    """The client's view of the object store."""
+
+    def __init__(self, settings: Settings, client: Any | None = None) -> None:
+        self.settings = settings
+        self.client = client or make_s3_client(settings)
+
+    def presign(self, ref: ObjectRef, expires_s: int | None = None) -> str:
+        """A presigned GET URL for an object."""
+        url: str = self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": ref.bucket, "Key": ref.key},
+            ExpiresIn=expires_s or self.settings.presign_expires_s,
+        )
+        return url

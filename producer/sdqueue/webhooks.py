@@ -1,0 +1,97 @@
+"""Signed completion webhooks, Standard Webhooks style (https://www.standardwebhooks.com).
+
+The worker signs and sends; a web backend verifies with :func:`verify` (this module needs no
+torch, so a backend that installs only the producer package has it). Each request carries:
+
+* ``webhook-id``: stable for one job outcome, the same on every retry (deduplicate on it);
+* ``webhook-timestamp``: Unix seconds of this attempt (refuse old ones: replay protection);
+* ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``.
+
+Webhook URLs may point only at hosts on the allow-list ``SDQ_WEBHOOK_HOSTS``: checked at submit
+and again in the worker, and redirects are never followed (no server-side request forgery).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from sdqueue.errors import JobValidationError, WebhookSignatureError
+
+SIGNATURE_VERSION = "v1"
+DEFAULT_TOLERANCE_S = 300
+
+
+def secret_bytes(secret: str) -> bytes:
+    """The HMAC key: ``whsec_<base64>`` secrets are decoded, anything else is used as UTF-8."""
+    if secret.startswith("whsec_"):
+        return base64.b64decode(secret.removeprefix("whsec_"))
+    return secret.encode()
+
+
+def check_webhook_url(url: str, allowed_hosts: list[str]) -> str:
+    """Return the URL if its host is allow-listed; raise JobValidationError otherwise.
+
+    An entry ``host`` allows any port of that host; ``host:port`` allows that port only.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise JobValidationError(f"webhook_url {url!r}: must be an http(s) URL with a host")
+    if parts.username or parts.password:
+        raise JobValidationError(f"webhook_url {url!r}: credentials in the URL are not accepted")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    allowed = {entry.strip().lower() for entry in allowed_hosts if entry.strip()}
+    if host not in allowed and f"{host}:{port}" not in allowed:
+        raise JobValidationError(
+            f"webhook_url {url!r}: host {host!r} is not allowed for webhooks; "
+            f"allowed: {', '.join(sorted(allowed)) or '(none: set SDQ_WEBHOOK_HOSTS)'}"
+        )
+    return url
+
+
+def webhook_id(job_id: str, state: str) -> str:
+    """The stable message id of one job outcome (the same on every retry and redelivery)."""
+    return "msg_" + hashlib.sha256(f"{job_id}\x00{state}".encode()).hexdigest()[:32]
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value for one attempt."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret_bytes(secret), signed, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
+
+
+def signed_headers(secret: str, msg_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
+    """Headers for one delivery attempt: id, timestamp and signature."""
+    timestamp = int(now if now is not None else time.time())
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "content-type": "application/json",
+    }
+
+
+def verify(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    now: float | None = None,
+) -> None:
+    """Check a received webhook; raises WebhookSignatureError unless it is authentic and recent."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    msg_id, stamp = lowered.get("webhook-id"), lowered.get("webhook-timestamp", "")
+    signatures = lowered.get("webhook-signature", "").split()
+    if not msg_id or not stamp.isdigit() or not signatures:
+        raise WebhookSignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
+    if abs((now if now is not None else time.time()) - int(stamp)) > tolerance_s:
+        raise WebhookSignatureError(f"webhook-timestamp {stamp} is outside the {tolerance_s}s tolerance")
+    expected = sign(secret, msg_id, int(stamp), body)
+    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+        raise WebhookSignatureError("webhook-signature does not match the body")

@@ -1,0 +1,105 @@
+"""Helpers shared by the test modules (no test module imports another): paths, settings from a
+stack environment, test images, a private stack, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from devstack.services import RedisServer, WorkerProcess, stack_env
+from sdqueue.client import SdQueue
+from sdqueue.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_MODEL = ROOT / ".cache" / "tiny-sd"
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """Client settings from a stack's ``SDQ_*`` environment."""
+    return Settings(
+        **{k[4:].lower(): v for k, v in env.items() if k.startswith("SDQ_") and k != "SDQ_READY_FILE"}
+    )
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def smooth_image(seed: int, size: int = 64) -> Image.Image:
+    """A smooth colour field like those the tiny VAE reconstructs well."""
+    import torch
+
+    from sdqueue_worker.tiny_model import smooth_images
+
+    tensor = smooth_images(1, size, torch.Generator().manual_seed(seed))[0]
+    return Image.fromarray(((tensor.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
+
+
+def read_png(s3: Any, bucket: str, key: str) -> np.ndarray:
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def manifest_of(s3: Any, result: Any) -> dict[str, Any]:
+    """The manifest JSON of a finished job, read straight from S3."""
+    bucket, key = result.manifest_url.removeprefix("s3://").split("/", 1)
+    body: dict[str, Any] = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return body
+
+
+@dataclass
+class Stack:
+    """A redis-server, a worker process with extra settings, and a client for both."""
+
+    redis: RedisServer
+    worker: WorkerProcess | None
+    env: dict[str, str]
+    queue: SdQueue
+
+
+@contextmanager
+def own_stack(
+    logdir: Path, s3_url: str, model: str, name: str, with_worker: bool = True, **settings: Any
+) -> Iterator[Stack]:
+    """Start redis (and a worker unless ``with_worker`` is False) with ``SDQ_*`` overrides."""
+    redis = RedisServer(logdir).start()
+    env = stack_env(redis.url, s3_url, model, **settings)
+    worker = WorkerProcess(logdir, env, name=name).start() if with_worker else None
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        os.environ[key] = env[key]
+    try:
+        yield Stack(redis, worker, env, SdQueue(settings_from(env)))
+    finally:
+        if worker is not None:
+            worker.stop()
+        redis.stop()
+
+
+def sdqueue(
+    env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``sdqueue`` command line (``python -m sdqueue.cli``) as a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "sdqueue.cli", *args],
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,79 @@
+"""Decode untrusted input images safely; encode outputs.
+
+Only PNG, JPEG and WebP are opened (no FITS, TIFF, GIF, SVG...). The pixel count is checked
+from the header before any pixel is decoded, so a decompression bomb (a small file with huge
+dimensions) is refused without allocating it. Modes are normalised to 8-bit RGB: CMYK,
+16-bit, grayscale, RGBA/LA (composited on white), palette, and EXIF orientation are handled.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sdqueue.errors import InputImageError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+        except UnidentifiedImageError:
+            raise InputImageError(
+                "input image: not a PNG, JPEG or WebP file (other formats are not accepted)"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise InputImageError(
+                f"input image: more than {max_pixels} pixels; send a smaller image"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a broken header, e.g. a JPEG cut short
+            raise InputImageError(f"input image: truncated or corrupt ({exc}); upload it again") from None
+    width, height = image.size
+    if width * height > max_pixels or width < 1 or height < 1:
+        raise InputImageError(f"input image: {width}x{height} is over the {max_pixels}-pixel limit")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def decode_input_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open, verify, orient and convert an untrusted image to RGB, or raise InputImageError."""
+    image = _open(data, max_pixels)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
+    except InputImageError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputImageError(f"input image: truncated or corrupt ({exc}); upload it again") from None
+
+
+def fit_to(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Centre-crop to the target aspect ratio, then resize: no distortion, no letterbox."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def encode_png(pixels: np.ndarray, compress_level: int) -> bytes:
+    """uint8 HxWx3 array to PNG bytes (level 1 is ~3x faster than the default for ~10% size)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()

@@ -1,0 +1,117 @@
+"""The model runtime: components loaded once per worker process, two pipelines over them.
+
+img2img must not go through the txt2img pipeline: since diffusers 0.22 its ``__call__`` takes
+``**kwargs`` and silently ignores ``image=``/``strength=``. The img2img pipeline is built from
+the txt2img pipeline's own module objects (``AutoPipelineForImage2Image.from_pipe``, which does
+not cast dtypes, unlike ``DiffusionPipeline.from_pipe`` without ``dtype=``, diffusers#12754), and
+``check_shared`` proves at start-up that nothing was duplicated or cast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+
+from sdqueue_worker.schedulers import build_schedulers
+from sdqueue_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+SHARED_MODULES = ("unet", "vae", "text_encoder", "tokenizer")
+LOAD_COUNT = 0
+
+
+@dataclass
+class Runtime:
+    """Everything the GPU thread needs, loaded once."""
+
+    txt2img: DiffusionPipeline
+    img2img: DiffusionPipeline
+    schedulers: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str
+    load_seconds: float
+    load_count: int
+    warmup_seconds: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def pipeline_for(self, mode: str) -> DiffusionPipeline:
+        return self.img2img if mode == "img2img" else self.txt2img
+
+
+def pick_device(settings: WorkerSettings) -> torch.device:
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(settings.device)
+
+
+def pick_dtype(settings: WorkerSettings, device: torch.device) -> torch.dtype:
+    if settings.dtype != "auto":
+        chosen: torch.dtype = getattr(torch, settings.dtype)
+        return chosen
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: torch.dtype) -> None:
+    """Fail start-up unless both pipelines use the very same modules, in the expected dtype."""
+    for name in SHARED_MODULES:
+        if getattr(txt2img, name) is not getattr(img2img, name):
+            raise RuntimeError(f"img2img pipeline does not share {name} with txt2img: VRAM would double")
+    for name in ("unet", "vae", "text_encoder"):
+        module_dtype = getattr(txt2img, name).dtype
+        if module_dtype != dtype:
+            raise RuntimeError(f"{name} is {module_dtype} after building img2img, expected {dtype}")
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def load_runtime(settings: WorkerSettings) -> Runtime:
+    """Load the model components once and build both pipelines over them."""
+    global LOAD_COUNT
+    started = time.perf_counter()
+    device = pick_device(settings)
+    dtype = pick_dtype(settings, device)
+    if device.type == "cuda" and settings.gpu_memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, torch.cuda.current_device())
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # an explicit setting wins
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+    txt2img = AutoPipelineForText2Image.from_pretrained(
+        settings.model,
+        dtype=dtype,
+        revision=settings.model_revision,
+        safety_checker=None,
+        requires_safety_checker=False,
+    ).to(device)
+    txt2img.set_progress_bar_config(disable=True)
+    img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
+    img2img.set_progress_bar_config(disable=True)
+    check_shared(txt2img, img2img, dtype)
+    LOAD_COUNT += 1
+    runtime = Runtime(
+        txt2img=txt2img,
+        img2img=img2img,
+        schedulers=build_schedulers(txt2img.scheduler),
+        device=device,
+        dtype=dtype,
+        model_id=settings.model,
+        load_seconds=time.perf_counter() - started,
+        load_count=LOAD_COUNT,
+        versions=library_versions(),
+    )
+    log.info("model %s loaded on %s/%s in %.1fs", settings.model, device, dtype, runtime.load_seconds)
+    return runtime

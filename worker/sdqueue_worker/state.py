@@ -1,0 +1,94 @@
+"""The per-process worker state, built once when the worker process starts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import redis
+
+from sdqueue.names import model_loads_key
+from sdqueue_worker.accel import optimise, use_compile, warm_up
+from sdqueue_worker.executor import GpuExecutor
+from sdqueue_worker.guards import SignalPump
+from sdqueue_worker.jobs import JobRunner
+from sdqueue_worker.runtime import Runtime, load_runtime
+from sdqueue_worker.settings import WorkerSettings
+from sdqueue_worker.storage import WorkerStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """Model runtime, GPU thread, storage and Redis client of one worker process."""
+
+    settings: WorkerSettings
+    hostname: str
+    runtime: Runtime
+    executor: GpuExecutor
+    storage: WorkerStorage
+    redis: redis.Redis
+    runner: JobRunner
+    signals: SignalPump
+    running: dict[str, str] = field(default_factory=dict)
+    """job id -> run-lease token of the jobs this process is running now."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATE: WorkerState | None = None
+
+
+def redis_client(settings: WorkerSettings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        retry_on_timeout=True,
+        health_check_interval=10,
+    )
+
+
+def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
+    """Load the model (once per process) and start the GPU thread."""
+    global _STATE
+    if _STATE is not None:
+        return _STATE
+    runtime = load_runtime(settings)
+    executor = GpuExecutor(
+        runtime,
+        settings.max_batch,
+        settings.flush_window_ms / 1000.0,
+        time_limit_s=settings.job_time_limit_s,
+        buckets=settings.compile_batch_sizes if use_compile(settings, runtime) else None,
+        prepare=lambda: _prepare_gpu(runtime, settings),
+    )
+    executor.wait_ready()
+    storage = WorkerStorage(settings)
+    client = redis_client(settings)
+    client.incr(model_loads_key(hostname))
+    _STATE = WorkerState(
+        settings,
+        hostname,
+        runtime,
+        executor,
+        storage,
+        client,
+        JobRunner(settings, runtime, executor, storage, hostname),
+        SignalPump(settings.progress_interval_s),
+    )
+    return _STATE
+
+
+def _prepare_gpu(runtime: Runtime, settings: WorkerSettings) -> None:
+    """Runs on the GPU thread before it serves: speed-ups, then warm-up (compiles buckets)."""
+    optimise(runtime, settings)
+    if settings.warmup:
+        runtime.warmup_seconds = warm_up(runtime, settings)
+
+
+def get_state() -> WorkerState:
+    if _STATE is None:
+        raise RuntimeError("worker state not started: tasks run only inside `sdqueue worker`")
+    return _STATE
