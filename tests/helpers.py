@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,3 +104,38 @@ def sdqueue(
         text=True,
         timeout=timeout,
     )
+
+
+def backend_meta(queue: SdQueue, job_id: str) -> dict[str, Any] | None:
+    """The result-backend entry the worker wrote for a job (not the client's cancel key)."""
+    raw = queue.redis.get(f"celery-task-meta-{job_id}")
+    return json.loads(raw) if raw else None
+
+
+def wait_cancelled_by_worker(queue: SdQueue, job_id: str, timeout: float = 90) -> dict[str, Any]:
+    """Poll until the worker recorded the job as failed with JobCancelled; returns that entry.
+
+    Fails at once if the worker recorded any other final state (it ignored the cancel)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        meta = backend_meta(queue, job_id) or {}
+        if meta.get("status") in ("SUCCESS", "FAILURE"):
+            exc_type = (meta.get("result") or {}).get("exc_type") if meta["status"] == "FAILURE" else None
+            assert exc_type == "JobCancelled", f"the worker did not cancel {job_id}: {meta}"
+            return meta
+        time.sleep(0.05)
+    raise AssertionError(f"the worker recorded no final state for {job_id} within {timeout}s")
+
+
+def assert_no_outputs(s3: Any, job_id: str, bucket: str = "sdqueue", prefix: str = "outputs") -> None:
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{job_id}/")
+    assert listing.get("KeyCount", 0) == 0, f"{job_id} left outputs: {listing.get('Contents')}"
+
+
+def assert_progress_stopped(queue: SdQueue, job_id: str, total: int, settle_s: float = 1.0) -> int:
+    """The last progress step is below ``total`` and does not move for ``settle_s``; returns it."""
+    first = (queue.handle(job_id).progress() or {}).get("step", 0)
+    time.sleep(settle_s)
+    last = (queue.handle(job_id).progress() or {}).get("step", 0)
+    assert first == last < total, f"progress of {job_id} went on: {first} -> {last} of {total}"
+    return int(last)

@@ -166,7 +166,12 @@ def bad_objects() -> list[tuple[str, bytes | None, str]]:
     valid_jpeg = image_as("JPEG")
     return [
         ("missing object", None, "no such object"),
-        ("over the size limit", b"\x89PNG" + bytes(20 * 1024 * 1024), "over the 20971520-byte limit"),
+        # the HEAD-only message (the after-download one has no "<size> bytes is"): refused unread
+        (
+            "over the size limit",
+            b"\x89PNG" + bytes(20 * 1024 * 1024),
+            "20971524 bytes is over the 20971520-byte",
+        ),
         ("empty object", b"", "the object is empty"),
         ("text, not an image", b"hello, I am not an image\n" * 10, NOT_ACCEPTED),
         ("truncated PNG", valid_png[: len(valid_png) // 2], "truncated or corrupt"),

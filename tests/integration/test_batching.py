@@ -16,6 +16,7 @@ from sdqueue_worker.runtime import load_runtime
 from sdqueue_worker.settings import WorkerSettings as Settings
 from tests.helpers import manifest_of, read_png, settings_from, smooth_image
 
+FLUSH_WINDOW_MS = 3000  # long, so that a lone job delayed by it would show
 TOLERANCE = 2 / 255  # batched matmuls may round differently; the noise and the picture are the same
 
 
@@ -71,7 +72,7 @@ def batching_env(env: dict[str, str]) -> dict[str, str]:
         **env,
         "SDQ_REDIS_URL": env["SDQ_REDIS_URL"].rsplit("/", 1)[0] + "/3",
         "SDQ_MAX_BATCH": "4",
-        "SDQ_FLUSH_WINDOW_MS": "50",
+        "SDQ_FLUSH_WINDOW_MS": str(FLUSH_WINDOW_MS),
     }
 
 
@@ -92,11 +93,22 @@ def test_worker_batches_compatible_queued_jobs(
     results = [h.wait(timeout=180) for h in handles]
     sizes = [manifest_of(s3, r)["worker"]["batch_images"] for r in results]
     print(f"batch sizes seen by 8 queued jobs with max_batch=4: {sizes}")
-    assert max(sizes) > 1, "compatible queued jobs must share a pipeline call"
-    alone = [
-        queue.submit(spec.model_copy(update={"prompt": spec.prompt})).wait(timeout=180) for spec in specs[:3]
-    ]
-    for batched, single in zip(results, alone, strict=False):
-        a = read_png(s3, "sdqueue", batched.images[0].key)
+    batched = [(spec, r) for spec, r, size in zip(specs, results, sizes, strict=True) if size > 1][:3]
+    assert batched, "compatible queued jobs must share a pipeline call"
+    for spec, together in batched:  # only jobs that really ran in a shared call
+        single = queue.submit(spec).wait(timeout=180)
+        assert manifest_of(s3, single)["worker"]["batch_images"] == 1
+        a = read_png(s3, "sdqueue", together.images[0].key)
         b = read_png(s3, "sdqueue", single.images[0].key)
         assert np.abs(a - b).max() <= TOLERANCE + 1e-6
+
+
+def test_a_lone_job_is_not_delayed_by_the_flush_window(batching_worker, batching_env) -> None:  # type: ignore[no-untyped-def]
+    """The GPU thread waits only while other jobs are being prepared: one job alone on a worker
+    with a 3 s flush window starts at once (generate_s covers its wait for the GPU thread)."""
+    batching_queue = SdQueue(settings_from(batching_env))
+    batching_queue.submit(Txt2ImgJob(prompt="warm", width=64, height=64, steps=2)).wait(timeout=120)
+    result = batching_queue.submit(Txt2ImgJob(prompt="alone", width=64, height=64, steps=2)).wait(timeout=120)
+    waited = result.timings["generate_s"]
+    print(f"a lone 2-step job: generate_s {waited:.2f}s with a {FLUSH_WINDOW_MS} ms flush window")
+    assert waited < FLUSH_WINDOW_MS / 1000 / 2, f"the lone job waited for the flush window ({waited:.2f}s)"

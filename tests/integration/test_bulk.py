@@ -17,7 +17,7 @@ from sdqueue.bulk import BulkOptions, BulkRun, prepare
 from sdqueue.bulk_input import Row
 from sdqueue.client import SdQueue
 from sdqueue.names import BULK_QUEUE, job_claim_key
-from tests.helpers import own_stack, png_bytes, sdqueue, smooth_image
+from tests.helpers import own_stack, png_bytes, sdqueue, smooth_image, wait_cancelled_by_worker
 
 SMALL = {"mode": "txt2img", "width": 64, "height": 64, "steps": 2}
 
@@ -234,6 +234,7 @@ def test_a_cancelled_job_is_counted_as_cancelled(env: dict[str, str], queue: SdQ
     summary = summary_of(run.stdout)
     assert (summary["cancelled"], summary["succeeded"]) == (1, 1)
     assert report_of(tmp_path / "r.jsonl")[0]["state"] == "cancelled"
+    wait_cancelled_by_worker(queue, long_id)  # the summary reads the cancel key: check the worker
 
 
 def test_bulk_enqueue_rate_against_a_real_redis(logdir: Path, moto: MotoServer, tiny_model: str) -> None:

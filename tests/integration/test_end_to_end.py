@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -68,9 +70,35 @@ def test_same_seed_same_pixels_different_seed_different_pixels(queue: SdQueue, s
     assert np.abs(same_a - other).mean() > 0.01
 
 
-def test_seed_is_picked_and_recorded_when_absent(queue: SdQueue) -> None:
-    result = queue.submit(Txt2ImgJob(prompt="no seed", width=64, height=64, steps=2)).wait(timeout=120)
-    assert isinstance(result.images[0].seed, int) and result.images[0].seed >= 0
+def documented_seed(job_id: str) -> int:
+    """The derivation as documented (docs/testing.md), written out here, not imported."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def test_seed_is_derived_from_the_job_id_when_absent(queue: SdQueue, s3) -> None:  # type: ignore[no-untyped-def]
+    spec = dict(prompt="no seed", width=64, height=64, steps=2, num_images=2)
+    handle = queue.submit(Txt2ImgJob(**spec))
+    result = handle.wait(timeout=120)
+    base = documented_seed(handle.job_id)
+    assert [image.seed for image in result.images] == [base, (base + 1) % 2**63]
+    again = queue.submit(Txt2ImgJob(**spec, seed=base)).wait(timeout=120)
+    for first, second in zip(result.images, again.images, strict=True):
+        assert np.array_equal(read_png(s3, "sdqueue", first.key), read_png(s3, "sdqueue", second.key))
+
+
+def test_path_style_endpoint_urls_are_accepted_inputs(queue: SdQueue, s3) -> None:  # type: ignore[no-untyped-def]
+    """``http(s)://<endpoint>/bucket/key`` (as MinIO serves) reads the same object as s3://."""
+    upload(s3, "e2e/path style.png", smooth_image(33))
+    endpoint = queue.settings.s3_endpoint_url
+    assert endpoint is not None
+    common = dict(prompt="path style", width=64, height=64, steps=10, strength=0.5, seed=8)
+    by_s3 = queue.submit(Img2ImgJob(image_url="s3://inputs/e2e/path style.png", **common)).wait(timeout=120)
+    by_http = queue.submit(Img2ImgJob(image_url=f"{endpoint}/inputs/e2e/path%20style.png", **common))
+    result = by_http.wait(timeout=120)
+    assert manifest_of(s3, result)["input"]["url"] == "s3://inputs/e2e/path style.png"
+    assert np.array_equal(
+        read_png(s3, "sdqueue", result.images[0].key), read_png(s3, "sdqueue", by_s3.images[0].key)
+    )
 
 
 def test_model_loaded_once_for_many_jobs_of_both_modes(queue: SdQueue, s3, worker) -> None:  # type: ignore[no-untyped-def]

@@ -47,7 +47,7 @@ from devstack.services import (
 from sdqueue import BrokerUnavailable, JobFailed, JobIdConflict, SdQueue, Txt2ImgJob
 from sdqueue.client import JobHandle
 from sdqueue.names import TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
-from tests.helpers import png_bytes, settings_from, smooth_image
+from tests.helpers import own_stack, png_bytes, settings_from, smooth_image, wait_cancelled_by_worker
 
 pytestmark = pytest.mark.faults
 
@@ -331,42 +331,88 @@ def test_a_message_delivered_twice_writes_once(cluster: Cluster) -> None:
 # --- 1. kill -9 mid-job -------------------------------------------------------------------------
 
 
+LEASE_REFRESH_S = 2.0  # WorkerSettings.lease_refresh_s, the default the cluster runs with
+RESTORE_INTERVAL_S = 2.0  # kombu's unacked_restore_interval (sdqueue.celeryconfig)
+KILL9 = dict(prompt="kill -9", width=64, height=64, steps=150)  # ~9 s: outlives two re-stamps
+
+
+def unacked_stamp(queue: SdQueue, job_id: str) -> float | None:
+    """The ``unacked_index`` score (delivery/lease stamp) of the message carrying this job."""
+    for tag, raw in queue.redis.hgetall("unacked").items():
+        if json.loads(raw)[0]["headers"].get("id") == job_id:
+            score = queue.redis.zscore("unacked_index", tag)
+            return None if score is None else float(score)
+    return None
+
+
+def kill_after_two_restamps(queue: SdQueue, handle: JobHandle, victim: WorkerProcess) -> tuple[float, float]:
+    """SIGKILL the victim once its lease keeper has re-stamped the job's message twice; returns
+    (the last stamp, the wall time of the kill). A stamp must be the time it was written."""
+    stamps: list[float] = []
+
+    def moved_twice() -> bool:
+        stamp = unacked_stamp(queue, handle.job_id)
+        if stamp is not None and (not stamps or stamp != stamps[-1]):
+            stamps.append(stamp)
+            assert stamp <= time.time() + 0.5, f"a lease stamp lies in the future: {stamp - time.time():.1f}s"
+        return len(stamps) >= 3
+
+    try:
+        wait_until(moved_twice, 60, "two lease re-stamps", every=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; stamps seen {stamps}, progress {handle.progress()}") from None
+    assert (handle.progress() or {}).get("fraction", 0) < 0.9, "premise: the job outlives two re-stamps"
+    victim.kill()
+    killed = time.time()
+    last = unacked_stamp(queue, handle.job_id)
+    assert last is not None and killed - LEASE_REFRESH_S - 2 <= last <= killed, (last, killed)
+    return last, killed
+
+
+def wait_redelivery(queue: SdQueue, job_id: str, timeout: float) -> float:
+    """Wall time at which the job's message was started a second time."""
+    wait_until(lambda: deliveries(queue, job_id) >= 2, timeout, "redelivery")
+    return time.time()
+
+
 def test_kill9_mid_job_a_second_worker_takes_over(cluster: Cluster) -> None:
     cluster.ensure("fa", "fb")
-    handle = start_long_job(cluster, MEDIUM)
+    handle = start_long_job(cluster, KILL9)
     owner = lease_owner(cluster.queue, handle.job_id)
     assert owner is not None
     victim = cluster.by_hostname(owner[0])
     survivor = next(w for w in cluster.workers.values() if w is not victim)
-    victim.kill()
-    killed = time.monotonic()
-    redelivered = wait_until(lambda: deliveries(cluster.queue, handle.job_id) >= 2, 3 * VT + 30, "redelivery")
+    last_stamp, killed = kill_after_two_restamps(cluster.queue, handle, victim)
+    redelivered = wait_redelivery(cluster.queue, handle.job_id, 3 * VT + 30)
     result = handle.wait(timeout=120)
-    done = time.monotonic() - killed
     manifest = assert_committed_once(cluster.s3, handle.job_id, images=1)
     assert manifest["worker"]["pid"] == survivor.pid
     assert deliveries(cluster.queue, handle.job_id) == 2 and result.images
+    bound = VT + RESTORE_INTERVAL_S + LEASE_REFRESH_S + 3
+    assert redelivered - last_stamp <= bound, f"back {redelivered - last_stamp:.1f}s after the last stamp"
     print(
-        f"kill -9 mid-job, no restart: the other worker started it again {redelivered:.1f}s later "
-        f"(VT {VT}s), done {done:.1f}s after the kill"
+        f"kill -9 after two lease re-stamps, no restart: the other worker started it again "
+        f"{redelivered - last_stamp:.1f}s after the dead worker's last stamp ({redelivered - killed:.1f}s "
+        f"after the kill; VT {VT}s, bound {bound:.0f}s)"
     )
 
 
 def test_kill9_mid_job_then_restart(cluster: Cluster) -> None:
     worker = cluster.ensure_single()
-    handle = start_long_job(cluster, MEDIUM)
-    worker.kill()
-    killed = time.monotonic()
-    worker.start(wait=False)
-    wait_until(lambda: deliveries(cluster.queue, handle.job_id) >= 2, 3 * VT + 60, "redelivery")
-    redelivered = time.monotonic() - killed
+    handle = start_long_job(cluster, KILL9)
+    last_stamp, killed = kill_after_two_restamps(cluster.queue, handle, worker)
+    worker.start()
+    ready = time.time()
+    redelivered = wait_redelivery(cluster.queue, handle.job_id, 3 * VT + 30)
     result = handle.wait(timeout=120)
     manifest = assert_committed_once(cluster.s3, handle.job_id, images=1)
     assert manifest["worker"]["pid"] == worker.pid and result.images
     assert deliveries(cluster.queue, handle.job_id) == 2
+    due = max(ready, last_stamp + VT)  # the restarted worker restores it once it is up and it is due
+    assert redelivered - due <= RESTORE_INTERVAL_S + LEASE_REFRESH_S + 3, redelivered - due
     print(
-        f"kill -9 mid-job, restart at once: running again {redelivered:.1f}s after the kill "
-        f"(VT {VT}s; worker start-up included), completed once"
+        f"kill -9 after two re-stamps, restart at once: running again {redelivered - killed:.1f}s after the "
+        f"kill ({ready - killed:.1f}s start-up; {redelivered - last_stamp:.1f}s after the last stamp, VT {VT}s)"
     )
 
 
@@ -484,25 +530,76 @@ def test_s3_outage_longer_than_the_retries_fails_clearly(cluster: Cluster) -> No
 # --- 7. warm shutdown ------------------------------------------------------------------------------
 
 
-def test_sigterm_mid_job_finishes_or_requeues(cluster: Cluster) -> None:
+def test_sigterm_mid_job_finishes_it_then_exits(cluster: Cluster) -> None:
+    """Warm shutdown: the running job finishes and is acknowledged before the worker exits."""
     worker = cluster.ensure_single()
-    handle = start_long_job(cluster, MEDIUM)
+    handle = start_long_job(cluster, MEDIUM)  # ~6 s: far inside any stop grace period
     worker.signal(signal.SIGTERM)
     termed = time.monotonic()
     assert worker.proc is not None
     worker.proc.wait(120)
     exited = time.monotonic() - termed
-    finished_before_exit = bool(manifest_keys(cluster.s3, handle.job_id))
-    state_at_exit = handle.state()
+    assert manifest_keys(cluster.s3, handle.job_id), "the job must finish before the worker exits"
+    assert handle.state() == "succeeded" and idle(cluster.queue), "nothing requeued"
     cluster.ensure("fa", "fb")  # both: the poison test next needs two
-    handle.wait(timeout=120)
     wait_idle(cluster.queue)
+    assert deliveries(cluster.queue, handle.job_id) == 1
     assert_committed_once(cluster.s3, handle.job_id, images=1)
-    assert deliveries(cluster.queue, handle.job_id) <= 2
-    outcome = "finished before exit" if finished_before_exit else "requeued and run after restart"
-    print(
-        f"SIGTERM mid-job: worker exited {exited:.1f}s later, job {outcome} (state at exit: {state_at_exit})"
+    print(f"SIGTERM mid-job: the job finished, then the worker exited {exited:.1f}s after the signal")
+
+
+def test_cold_shutdown_restores_the_running_job(cluster: Cluster) -> None:
+    """SIGQUIT (Celery's cold shutdown): the running job gets worker_soft_shutdown_timeout (10 s),
+    then its message goes back to the queue and runs again on the next worker."""
+    worker = cluster.ensure_single()
+    handle = start_long_job(cluster, {**KILL9, "prompt": "cold", "num_images": 3})  # ~25 s: outlives 10 s
+    worker.signal(signal.SIGQUIT)
+    quit_at = time.monotonic()
+    assert worker.proc is not None
+    worker.proc.wait(60)
+    exited = time.monotonic() - quit_at
+    log = worker.tail(200)
+    assert "Restoring 1 unacknowledged message" in log, log[-2000:]
+    assert manifest_keys(cluster.s3, handle.job_id) == {}, "the job must not have finished"
+    assert cluster.queue.redis.hlen("unacked") == 0 and not idle(cluster.queue), "back in the queue"
+    worker.start()
+    wait_until(lambda: deliveries(cluster.queue, handle.job_id) >= 2, 60, "the restored job running again")
+    handle.cancel()  # it ran again: enough, no need to wait for all 3 images
+    wait_cancelled_by_worker(cluster.queue, handle.job_id)
+    assert manifest_keys(cluster.s3, handle.job_id) == {}
+    print(f"SIGQUIT mid-job: the worker exited {exited:.1f}s later and restored the message; it ran again")
+
+
+def test_two_workers_both_run_a_job_and_its_effects_happen_once(cluster: Cluster) -> None:
+    """The worker running a job is paused (SIGSTOP) past the visibility timeout, so the other
+    worker runs it too and commits it; the paused one resumes, finishes its own generation and
+    meets the conditional writes: no object gets a second version, the manifest is the first."""
+    workers = cluster.ensure("fa", "fb")
+    hostnames = [w.hostname for w in workers]
+    before = generations(cluster.queue, hostnames, after=time.time())
+    handle = start_long_job(cluster, MEDIUM)
+    owner = lease_owner(cluster.queue, handle.job_id)
+    assert owner is not None
+    paused = cluster.by_hostname(owner[0])
+    other = next(w for w in workers if w is not paused)
+    paused.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: deliveries(cluster.queue, handle.job_id) >= 2, 3 * VT + 30, "redelivery")
+        first = assert_committed_once(cluster.s3, handle.job_id, images=1) if handle.wait(120) else None
+    finally:
+        paused.signal(signal.SIGCONT)
+    assert first is not None and first["worker"]["pid"] == other.pid
+    wait_until(
+        lambda: generations(cluster.queue, hostnames, after=time.time()) - before >= 2,
+        60,
+        "the paused worker finishing its own generation",
+        every=0.5,
     )
+    wait_idle(cluster.queue)
+    assert generations(cluster.queue, hostnames, after=time.time()) - before == 2, "both really generated"
+    assert assert_committed_once(cluster.s3, handle.job_id, images=1) == first
+    assert handle.state() == "succeeded"
+    print("paused worker resumed after the other committed the job: 2 generations, every object written once")
 
 
 # --- 2. a poison job -------------------------------------------------------------------------------
@@ -554,6 +651,44 @@ def test_poison_job_stops_after_max_deliveries(cluster: Cluster) -> None:
         f"poison job: killed its worker {len(killer.kills)} times (gaps {', '.join(f'{g:.1f}' for g in gaps)}s), "
         f"failed {failed_after:.1f}s after submit: {failure.value.reason[:80]}...; 3 jobs behind it done"
     )
+
+
+# --- a call that never reaches a step: the watchdog, then the delivery cap -------------------------
+
+STUCK = dict(prompt="stuck", width=2048, height=1024, steps=1)  # one step + a VAE decode of seconds
+
+
+def test_a_stuck_call_exits_the_worker_and_the_delivery_cap_ends_the_job(
+    logdir: Path,
+    moto: MotoServer,
+    s3,
+    tiny_model: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """No step callback for longer than time limit + grace (here 0.5 s + 1 s): the watchdog exits
+    the process with 75; restarted (as systemd would), the worker refuses the redelivered message
+    because max_deliveries (1 here) is used up, so a job that hangs every time cannot loop."""
+    ensure_bucket(s3)
+    settings = dict(
+        visibility_timeout_s=5,
+        output_bucket=BUCKET,
+        job_time_limit_s=0.5,
+        hard_limit_grace_s=1,
+        max_deliveries=1,
+    )
+    with own_stack(logdir, moto.url, tiny_model, "stuck", **settings) as stack:
+        worker = stack.worker
+        assert worker is not None and worker.proc is not None
+        handle = stack.queue.submit(Txt2ImgJob(**STUCK))
+        code = worker.proc.wait(120)
+        assert code == 75, f"exit code {code}:\n{worker.tail()}"
+        assert "GPU call stuck for over 2s" in worker.tail(50)
+        worker.start()
+        with pytest.raises(JobFailed) as failure:
+            handle.wait(timeout=60)
+        assert "started 1 times and its worker died each time" in failure.value.reason, failure.value
+        assert manifest_keys(s3, handle.job_id) == {}
+        assert worker.alive()
+    print(f"stuck call: watchdog exit 75; after a restart the cap failed it: {failure.value.reason[:70]}...")
 
 
 # --- 3. Redis restart ------------------------------------------------------------------------------
@@ -764,6 +899,18 @@ def test_jobs_run_over_tls_with_a_redis_password(guarded: Guarded) -> None:
         f"rediss:// with a password: job done in {time.monotonic() - started:.1f}s; "
         "no password -> NOAUTH, plain redis:// -> refused"
     )
+
+
+def test_a_client_without_the_ca_refuses_the_server_certificate(guarded: Guarded) -> None:
+    """Certificates are verified: the same submit with the system CAs only (not the test CA)
+    fails the TLS handshake instead of talking to an unverified server."""
+    env = {k: v for k, v in guarded.env.items() if k != "SSL_CERT_FILE"}
+    started = time.monotonic()
+    refused = sdqueue_cli(env, "submit", "txt2img", "x", "--width", "64", "--height", "64", "--steps", "2")
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0, output
+    assert "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify failed" in output, output[-2000:]
+    print(f"no test CA: submit refused in {time.monotonic() - started:.1f}s: certificate verify failed")
 
 
 def test_job_past_its_time_limit_is_stopped_and_the_worker_goes_on(guarded: Guarded) -> None:

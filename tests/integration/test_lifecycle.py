@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+import uuid
+from datetime import datetime
 
 import pytest
+import redis
 
 from sdqueue import JobCancelled, SdQueue, Txt2ImgJob
-from sdqueue.names import BULK_QUEUE
+from sdqueue.names import BULK_QUEUE, progress_key
+from tests.helpers import assert_no_outputs, assert_progress_stopped, backend_meta, wait_cancelled_by_worker
 
 pytestmark = pytest.mark.usefixtures("worker")
 LONG = dict(prompt="a long job", width=64, height=64, steps=150)
@@ -23,20 +29,52 @@ def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped
     raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
+class ProgressWrites:
+    """Counts the worker's progress writes for one job on the Redis server itself (MONITOR)."""
+
+    def __init__(self, queue: SdQueue, job_id: str) -> None:
+        self.target = f"SET {progress_key(job_id)} "
+        self.count = 0
+        self._stop = threading.Event()
+        self._monitor = redis.Redis.from_url(queue.settings.redis_url.get_secret_value()).monitor()
+        self._monitor.__enter__()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            command = self._monitor.next_command()["command"]
+            self.count += command.startswith(self.target)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=30)  # the worker's heartbeats keep MONITOR talking
+        return self.count
+
+
 def test_progress_is_reported_per_step_and_throttled(queue: SdQueue) -> None:
-    handle = queue.submit(Txt2ImgJob(**LONG, seed=1))
-    seen = set()
-    while handle.state() in ("queued", "running"):
-        progress = handle.progress()
-        if progress:
-            seen.add(progress["step"])
-            assert progress["total"] == 150
-        time.sleep(0.05)
-    handle.wait(timeout=120)
+    spec = Txt2ImgJob(**LONG, seed=1, job_id=f"throttle-{uuid.uuid4().hex[:8]}")
+    writes = ProgressWrites(queue, spec.job_id or "")
+    try:
+        handle = queue.submit(spec)
+        seen = set()
+        while handle.state() in ("queued", "running"):
+            progress = handle.progress()
+            if progress:
+                seen.add(progress["step"])
+                assert progress["total"] == 150
+            time.sleep(0.05)
+        result = handle.wait(timeout=120)
+    finally:
+        count = writes.stop()
     assert handle.progress()["step"] == 150
-    print(f"distinct progress steps seen by the client: {len(seen)}")
+    interval = 0.25  # WorkerSettings.progress_interval_s, the session worker's default
+    allowed = result.timings["generate_s"] / interval + 2
+    print(
+        f"{count} progress writes in {result.timings['generate_s']:.1f}s (at most {allowed:.0f}); client saw {len(seen)}"
+    )
     assert len(seen) >= 3, "progress must move while the job runs"
-    assert len(seen) < 150, "progress writes are throttled, not one per step"
+    assert 3 <= count <= allowed, "progress writes are throttled to one per interval, not one per step"
 
 
 def test_cancel_a_running_job_stops_it_without_a_manifest(queue: SdQueue, s3) -> None:  # type: ignore[no-untyped-def]
@@ -47,11 +85,10 @@ def test_cancel_a_running_job_stops_it_without_a_manifest(queue: SdQueue, s3) ->
     with pytest.raises(JobCancelled):
         handle.wait(timeout=60)
     stopped_after = time.monotonic() - cancelled_at
-    print(f"running job stopped {stopped_after:.2f}s after cancel, at step {handle.progress()['step']}/150")
-    assert handle.state() == "cancelled"
-    assert handle.progress()["step"] < 150
-    listing = s3.list_objects_v2(Bucket="sdqueue", Prefix=f"outputs/{handle.job_id}/")
-    assert listing.get("KeyCount", 0) == 0, "a cancelled job leaves no images and no manifest"
+    wait_cancelled_by_worker(queue, handle.job_id, timeout=5)
+    step = assert_progress_stopped(queue, handle.job_id, total=150)
+    print(f"running job stopped {stopped_after:.2f}s after cancel, at step {step}/150")
+    assert_no_outputs(s3, handle.job_id)
     assert queue.submit(Txt2ImgJob(prompt="next", width=64, height=64, steps=2)).wait(timeout=60).images
 
 
@@ -62,24 +99,29 @@ def test_cancel_a_queued_job_never_runs_it(queue: SdQueue, s3) -> None:  # type:
     with pytest.raises(JobCancelled):
         queued.wait(timeout=120)
     blocker.cancel()
-    assert queued.state() == "cancelled"
+    assert (backend_meta(queue, queued.job_id) or {}).get("status") in ("FAILURE", "REVOKED")
     assert queued.progress() is None, "a cancelled queued job never reaches a denoising step"
     assert s3.list_objects_v2(Bucket="sdqueue", Prefix=f"outputs/{queued.job_id}/").get("KeyCount", 0) == 0
 
 
 def test_interactive_job_overtakes_a_thousand_bulk_jobs(queue: SdQueue) -> None:
+    """Judged by order, not by seconds: few bulk jobs may finish while the interactive one waits."""
     small = dict(prompt="bulk", width=64, height=64, steps=1)
-    bulk = [queue.submit(Txt2ImgJob(**small), lane="bulk") for _ in range(1000)]
-    wait_until(lambda: bulk[0].state() == "succeeded", 60, "bulk jobs flowing")
-    job_time = bulk[0].wait(timeout=60).timings["total_s"]
-    started = time.monotonic()
-    result = queue.submit(Txt2ImgJob(**small, seed=9)).wait(timeout=60)
-    latency = time.monotonic() - started
-    waiting = queue.redis.llen(BULK_QUEUE)
+    try:
+        bulk = [queue.submit(Txt2ImgJob(**small), lane="bulk") for _ in range(1000)]
+        wait_until(lambda: bulk[0].state() == "succeeded", 60, "bulk jobs flowing")
+        submitted = time.time()
+        result = queue.submit(Txt2ImgJob(**small, seed=9)).wait(timeout=60)
+        finished = time.time()
+        waiting = queue.redis.llen(BULK_QUEUE)
+    finally:  # never leave a backlog on the shared worker
+        queue.redis.delete(BULK_QUEUE)
+    metas = queue.redis.mget([f"celery-task-meta-{h.job_id}" for h in bulk])
+    done_at = [datetime.fromisoformat(json.loads(m)["date_done"]).timestamp() for m in metas if m]
+    overtaken_by = sum(submitted <= at <= finished for at in done_at)
     print(
-        f"interactive job done {latency:.2f}s after submit behind {waiting} queued bulk jobs "
-        f"(one bulk job takes {job_time:.2f}s; queue wait {result.timings['queue_wait_s']:.2f}s)"
+        f"interactive job done behind {waiting} queued bulk jobs; {overtaken_by} bulk jobs finished "
+        f"while it was in the system (queue wait {result.timings['queue_wait_s']:.2f}s)"
     )
-    queue.redis.delete(BULK_QUEUE)
-    assert waiting > 500, "the bulk backlog was still there when the interactive job finished"
-    assert result.timings["queue_wait_s"] < 2 * job_time + 0.5
+    assert waiting > 0, "the bulk backlog was gone before the interactive job finished"
+    assert overtaken_by <= 8, "the interactive job waited behind the bulk backlog"

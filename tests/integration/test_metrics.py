@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devstack.services import ROOT, MotoServer, WorkerProcess, free_port, wait_for
 from sdqueue import Img2ImgJob, JobFailed, Txt2ImgJob
 from sdqueue.names import run_lease_key
-from tests.helpers import Stack, own_stack, png_bytes, smooth_image
+from tests.helpers import Stack, own_stack, png_bytes, smooth_image, wait_cancelled_by_worker
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -86,15 +86,17 @@ def run_mixed_jobs(stack: Stack, s3: Any) -> None:
     while not long.progress() and time.monotonic() < deadline:
         time.sleep(0.05)
     long.cancel()
-    while long.state() != "cancelled" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_cancelled_by_worker(queue, long.job_id)
 
 
 def test_worker_metrics_move_with_the_jobs_it_runs(stack: Stack, s3: Any) -> None:
     before = scrape(stack)
     run_mixed_jobs(stack, s3)
-    time.sleep(0.5)
-    after = scrape(stack)
+    cancelled = ("sdqueue_jobs_total", frozenset({"mode": "txt2img", "outcome": "cancelled"}.items()))
+    deadline = time.monotonic() + 30  # the counter moves in task_postrun, just after the backend write
+    while (after := scrape(stack)).get(cancelled, 0) == before.get(cancelled, 0):
+        assert time.monotonic() < deadline, "the cancelled job never reached the metrics"
+        time.sleep(0.1)
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

@@ -81,7 +81,9 @@ def test_worker_refuses_the_same_payloads_from_a_raw_celery_client(queue: SdQueu
     """A raw client sends straight to the queue; each bad job fails alone, with the same message."""
     sent = []
     for name, payload, hint in CASES + [
-        ("bucket not allowed", {**GOOD, "output": {"bucket": "other"}}, "output.bucket")
+        ("bucket not allowed", {**GOOD, "output": {"bucket": "other"}}, "output.bucket"),
+        # the task id names the output folder: a differing job_id would make the manifest lie
+        ("job_id differs from the task id", {**GOOD, "job_id": "someone-else"}, "differs from the task id"),
     ]:
         body = {k: v for k, v in payload.items() if k != "mode"}
         task = IMG2IMG_TASK if payload.get("mode") == "img2img" else TXT2IMG_TASK

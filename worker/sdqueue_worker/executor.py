@@ -56,12 +56,13 @@ class GpuExecutor:
         time_limit_s: float,
         buckets: list[int] | None = None,
         prepare: Callable[[], object] | None = None,
+        hard_limit_grace_s: float = HARD_LIMIT_GRACE_S,
     ) -> None:
         self.runtime = runtime
         self.max_batch = max_batch
         self.flush_window_s = flush_window_s
         self.time_limit_s = time_limit_s
-        self.hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
+        self.hard_limit_s = time_limit_s + hard_limit_grace_s
         self.buckets = buckets
         self._prepare = prepare
         self.ready = threading.Event()

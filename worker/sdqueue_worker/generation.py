@@ -43,6 +43,8 @@ class GenerationRequest:
     future: Future[Any] = field(default_factory=Future)
     batch_images: int = 0
     """Images in the pipeline call this job ran in (set by the GPU thread)."""
+    pipeline: str = ""
+    """Class name of the pipeline that was called for this job (set by ``run_batch``)."""
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -99,6 +101,8 @@ def run_batch(
         kwargs["strength"] = job.strength
     else:
         kwargs.update(width=job.width, height=job.height)
+    for request in batch:
+        request.pipeline = type(pipe).__name__
     with torch.inference_mode():
         images = _to_uint8(pipe(**kwargs).images)
     bounds = np.cumsum([len(request.seeds) for request in batch])

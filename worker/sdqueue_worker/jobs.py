@@ -126,9 +126,7 @@ class JobRunner:
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
         timings["total_s"] = time.time() - started
-        manifest = self._manifest(
-            job, ctx.job_id, seeds, images, input_info, timings, batch_size, manifest_ref
-        )
+        manifest = self._manifest(job, ctx.job_id, seeds, images, input_info, timings, request, manifest_ref)
         if not self.storage.put_once(
             manifest_ref, json.dumps(manifest, indent=1).encode(), "application/json", {"job-id": ctx.job_id}
         ):
@@ -184,11 +182,10 @@ class JobRunner:
         images: list[dict[str, Any]],
         input_info: dict[str, str] | None,
         timings: dict[str, float],
-        batch_size: int,
+        ran: GenerationRequest,
         manifest_ref: ObjectRef,
     ) -> dict[str, Any]:
         runtime = self.runtime
-        pipe = runtime.pipeline_for(job.mode)
         return {
             "job_id": job_id,
             "mode": job.mode,
@@ -202,7 +199,7 @@ class JobRunner:
                 "revision": self.settings.model_revision,
                 "dtype": str(runtime.dtype).removeprefix("torch."),
                 "device": runtime.device.type,
-                "pipeline": type(pipe).__name__,
+                "pipeline": ran.pipeline,  # what run_batch called, not a lookup beside it
                 "scheduler": type(runtime.schedulers[job.scheduler]).__name__,
             },
             "versions": runtime.versions,
@@ -211,7 +208,7 @@ class JobRunner:
                 "hostname": self.hostname,
                 "pid": os.getpid(),
                 "model_load_count": runtime.load_count,
-                "batch_images": batch_size,
+                "batch_images": ran.batch_images,
                 "thread": threading.current_thread().name,
             },
             "created_at": time.time(),

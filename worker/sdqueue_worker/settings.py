@@ -43,6 +43,9 @@ class WorkerSettings(Settings):
     """How long the GPU thread waits for compatible jobs still being prepared."""
     job_time_limit_s: float = Field(default=300.0, gt=0)
     """A job still generating after this long is stopped and fails."""
+    hard_limit_grace_s: float = Field(default=60.0, gt=0)
+    """The watchdog exits the worker (code 75) when one pipeline call outlives the time limit by
+    this much without reaching a step; the message is redelivered, the delivery cap ends it."""
     lease_refresh_s: float = Field(default=2.0, gt=0)
     max_deliveries: int = Field(default=3, ge=1)
     """A job that killed its worker this many times fails instead of running again."""

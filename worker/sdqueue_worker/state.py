@@ -63,6 +63,7 @@ def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
         time_limit_s=settings.job_time_limit_s,
         buckets=settings.compile_batch_sizes if use_compile(settings, runtime) else None,
         prepare=lambda: _prepare_gpu(runtime, settings),
+        hard_limit_grace_s=settings.hard_limit_grace_s,
     )
     executor.wait_ready()
     storage = WorkerStorage(settings)
