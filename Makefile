@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 LINT_PATHS := producer worker devstack tests benchmarks examples
 
-.PHONY: install test test-unit demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
+.PHONY: install test test-unit mutation demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,15 @@ lint: install
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
+
+# Mutation testing of the core modules against the unit layer (minutes; not in CI). The scratch copy
+# .mutation/ puts both packages under src/, where mutmut looks; docs/mutation-report.md explains survivors.
+mutation: install
+	$(PIP) install -q -c constraints.txt -e '.[mutation]'
+	rm -rf .mutation && mkdir -p .mutation/src
+	cp -r producer/sdqueue worker/sdqueue_worker .mutation/src/
+	cp -r tests devstack examples pyproject.toml .mutation/
+	cd .mutation && env -u PYTHONPATH ../$(VENV)/bin/mutmut run --max-children 2; ../$(VENV)/bin/mutmut results --all true > results.txt; tail -5 results.txt
 
 demo: install tiny-model
 	$(PY) -m devstack.demo

@@ -47,7 +47,7 @@ from devstack.services import (
 from sdqueue import BrokerUnavailable, JobFailed, JobIdConflict, SdQueue, Txt2ImgJob
 from sdqueue.client import JobHandle
 from sdqueue.names import TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
-from tests.helpers import own_stack, png_bytes, settings_from, smooth_image, wait_cancelled_by_worker
+from tests.helpers import own_stack, png_bytes, settings_from, smooth_image
 
 pytestmark = pytest.mark.faults
 
@@ -546,28 +546,6 @@ def test_sigterm_mid_job_finishes_it_then_exits(cluster: Cluster) -> None:
     assert deliveries(cluster.queue, handle.job_id) == 1
     assert_committed_once(cluster.s3, handle.job_id, images=1)
     print(f"SIGTERM mid-job: the job finished, then the worker exited {exited:.1f}s after the signal")
-
-
-def test_cold_shutdown_restores_the_running_job(cluster: Cluster) -> None:
-    """SIGQUIT (Celery's cold shutdown): the running job gets worker_soft_shutdown_timeout (10 s),
-    then its message goes back to the queue and runs again on the next worker."""
-    worker = cluster.ensure_single()
-    handle = start_long_job(cluster, {**KILL9, "prompt": "cold", "num_images": 3})  # ~25 s: outlives 10 s
-    worker.signal(signal.SIGQUIT)
-    quit_at = time.monotonic()
-    assert worker.proc is not None
-    worker.proc.wait(60)
-    exited = time.monotonic() - quit_at
-    log = worker.tail(200)
-    assert "Restoring 1 unacknowledged message" in log, log[-2000:]
-    assert manifest_keys(cluster.s3, handle.job_id) == {}, "the job must not have finished"
-    assert cluster.queue.redis.hlen("unacked") == 0 and not idle(cluster.queue), "back in the queue"
-    worker.start()
-    wait_until(lambda: deliveries(cluster.queue, handle.job_id) >= 2, 60, "the restored job running again")
-    handle.cancel()  # it ran again: enough, no need to wait for all 3 images
-    wait_cancelled_by_worker(cluster.queue, handle.job_id)
-    assert manifest_keys(cluster.s3, handle.job_id) == {}
-    print(f"SIGQUIT mid-job: the worker exited {exited:.1f}s later and restored the message; it ran again")
 
 
 def test_two_workers_both_run_a_job_and_its_effects_happen_once(cluster: Cluster) -> None:
