@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.exceptions import OperationalError
 
 from devstack.proxy import TcpProxy
 from devstack.services import (
@@ -45,6 +46,7 @@ from devstack.services import (
     wait_for,
 )
 from sdqueue import BrokerUnavailable, JobFailed, JobIdConflict, SdQueue, Txt2ImgJob
+from sdqueue.celeryconfig import make_celery
 from sdqueue.client import JobHandle
 from sdqueue.names import TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
 from tests.helpers import own_stack, png_bytes, settings_from, smooth_image
@@ -887,7 +889,19 @@ def test_a_client_without_the_ca_refuses_the_server_certificate(guarded: Guarded
     refused = sdqueue_cli(env, "submit", "txt2img", "x", "--width", "64", "--height", "64", "--steps", "2")
     output = refused.stdout + refused.stderr
     assert refused.returncode != 0, output
-    assert "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify failed" in output, output[-2000:]
+    assert "certificate verify failed" in output.lower(), output[-2000:]
+    app = make_celery(settings_from(env))  # and each connection on its own: broker, result backend
+    os.environ.pop("SSL_CERT_FILE")
+    try:
+        for name, connect in (
+            ("broker", lambda: app.connection_for_write().ensure_connection(max_retries=0)),
+            ("result backend", lambda: app.backend.client.ping()),
+        ):
+            with pytest.raises((OperationalError, redis.ConnectionError)) as info:
+                connect()
+            assert "certificate verify failed" in str(info.value).lower(), (name, info.value)
+    finally:
+        os.environ["SSL_CERT_FILE"] = guarded.env["SSL_CERT_FILE"]
     print(f"no test CA: submit refused in {time.monotonic() - started:.1f}s: certificate verify failed")
 
 
