@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob, derived_seed, parse_job
 from sdqueue.errors import InputImageError, JobValidationError
@@ -31,7 +34,13 @@ from sdqueue_worker.jobs import (
 )
 from sdqueue_worker.settings import WorkerSettings
 
-SETTINGS = WorkerSettings(input_buckets=["inputs"], output_buckets=["extra"], webhook_hosts=["hooks.example"])
+SETTINGS = WorkerSettings(
+    input_buckets=["inputs"],
+    output_buckets=["extra"],
+    webhook_hosts=["hooks.example"],
+    s3_endpoint_url="http://minio.local:9000",
+)
+PATH_STYLE = "http://minio.local:9000/inputs/in/a.png"
 GOOD = {"prompt": "p", "width": 64, "height": 64, "steps": 2}
 
 
@@ -125,6 +134,8 @@ def test_validate_payload_accepts() -> None:
     assert job.output is not None and job.output.bucket == "extra"
     img = validate_payload("img2img", {**GOOD, "image_url": "s3://inputs/a.png", "steps": 4}, "j1", SETTINGS)
     assert isinstance(img, Img2ImgJob)
+    path_style = validate_payload("img2img", {**GOOD, "image_url": PATH_STYLE, "steps": 4}, "j1", SETTINGS)
+    assert isinstance(path_style, Img2ImgJob)
     hooked = validate_payload("txt2img", {**GOOD, "webhook_url": "https://hooks.example/in"}, "j", SETTINGS)
     assert hooked.webhook_url == "https://hooks.example/in"
 
@@ -200,18 +211,44 @@ def test_a_job_is_stored_then_committed_by_its_manifest() -> None:
     assert manifest["manifest_url"] == "s3://sdqueue/outputs/j1/manifest.json"
     worker = manifest["worker"]
     assert (worker["hostname"], worker["batch_images"], worker["model_load_count"]) == ("host-1", 5, 1)
+    assert (worker["pid"], worker["thread"]) == (os.getpid(), threading.current_thread().name)
     timings = manifest["timings"]
     assert {"generate_s", "encode_upload_s", "total_s", "queue_wait_s"} <= set(timings)
-    assert 2 <= timings["queue_wait_s"] < 60 and timings["total_s"] >= timings["generate_s"] >= 0
+    assert 2 <= timings["queue_wait_s"] < 60 and 60 > timings["total_s"] >= timings["generate_s"] >= 0
+    assert 0 <= timings["encode_upload_s"] < 60
     assert abs(manifest["created_at"] - time.time()) < 60
     assert result == result_from_manifest(manifest)
     assert run.storage.reads == [ObjectRef("sdqueue", "outputs/j1/manifest.json")]  # type: ignore[attr-defined]
 
 
-def test_no_queue_wait_without_a_submit_time() -> None:
+def test_no_queue_wait_without_a_submit_time_and_none_below_zero() -> None:
     run = runner()
     result = run.run(Txt2ImgJob(**GOOD), JobContext("j2"))
     assert "queue_wait_s" not in result["timings"]
+    skewed = run.run(Txt2ImgJob(**GOOD), JobContext("j2b", submitted_at=time.time() + 30))  # clock skew
+    assert skewed["timings"]["queue_wait_s"] == 0.0
+
+
+def test_a_committed_job_is_counted_in_the_metrics() -> None:
+    before = {name: sample(name, labels) for name, labels in METRICS}
+    runner().run(Txt2ImgJob(**GOOD, num_images=2), JobContext("j-metrics"))
+    moved = {name: sample(name, labels) - before[name] for name, labels in METRICS}
+    assert moved == {
+        "sdqueue_batch_images_count": 1,
+        "sdqueue_batch_images_sum": 5,
+        "sdqueue_job_duration_seconds_count": 1,
+    }
+
+
+METRICS = [
+    ("sdqueue_batch_images_count", {}),
+    ("sdqueue_batch_images_sum", {}),
+    ("sdqueue_job_duration_seconds_count", {"phase": "generate"}),
+]
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def test_a_redelivery_returns_the_committed_manifest_without_generating() -> None:
@@ -242,7 +279,7 @@ def test_img2img_fetches_fits_and_records_its_input() -> None:
     data = buffer.getvalue()
     run.storage.objects[("inputs", "in/a.png")] = (data, {})  # type: ignore[attr-defined]
     job = Img2ImgJob(prompt="p", image_url="s3://inputs/in/a.png", width=64, height=64, steps=4)
-    result = run.run(job, JobContext("j5"))
+    result = run.run(job.model_copy(update={"image_url": PATH_STYLE}), JobContext("j5"))
     [request] = run.executor.requests  # type: ignore[attr-defined]
     assert request.init_image is not None and request.init_image.size == (64, 64)
     assert request.init_image.getpixel((32, 32)) == (10, 200, 30)
@@ -252,7 +289,7 @@ def test_img2img_fetches_fits_and_records_its_input() -> None:
         "etag": "etag-1",
         "sha256": hashlib.sha256(data).hexdigest(),
     }
-    assert "input_fetch_s" in result["timings"] and manifest["mode"] == "img2img"
+    assert 0 <= result["timings"]["input_fetch_s"] < 60 and manifest["mode"] == "img2img"
 
 
 def test_result_from_manifest_keeps_what_a_client_needs() -> None:

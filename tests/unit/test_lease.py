@@ -130,18 +130,23 @@ def test_the_loop_refreshes_every_interval_until_stopped(monkeypatch: pytest.Mon
     assert len(client.calls) == after_stop
 
 
-def test_a_redis_error_does_not_end_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    run_loop(Recorder(fail=True), monkeypatch)
+def test_a_redis_error_does_not_end_the_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="sdqueue_worker.lease"):
+        run_loop(Recorder(fail=True), monkeypatch)
+    assert "lease refresh failed: redis down" in caplog.messages
 
 
 def test_start_and_stop_run_the_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     client = Recorder()
     monkeypatch.setattr(state, "_STATE", worker_state(client))
     keeper = LeaseKeeper(SimpleNamespace())
-    before = {t.name for t in threading.enumerate()}
+    keeper.stop(None)  # Celery may stop a step that never started
     keeper.start(consumer_holding(["t"], client))
     time.sleep(0.1)
-    assert "sdq-lease" in {t.name for t in threading.enumerate()} - before
+    [thread] = [t for t in threading.enumerate() if t.name == "sdq-lease"]
+    assert thread.daemon, "the lease thread must not keep a dying worker alive"
     keeper.stop(None)
     deadline = time.monotonic() + 5
     while any(t.name == "sdq-lease" for t in threading.enumerate()) and time.monotonic() < deadline:
