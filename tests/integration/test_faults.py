@@ -659,7 +659,7 @@ def test_a_stuck_call_exits_the_worker_and_the_delivery_cap_ends_the_job(
         worker = stack.worker
         assert worker is not None and worker.proc is not None
         handle = stack.queue.submit(Txt2ImgJob(**STUCK))
-        code = worker.proc.wait(120)
+        code = worker.proc.wait(60)
         assert code == 75, f"exit code {code}:\n{worker.tail()}"
         assert "GPU call stuck for over 2s" in worker.tail(50)
         worker.start()
