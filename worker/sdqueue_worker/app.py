@@ -40,7 +40,7 @@ app.conf.result_backend_base_sleep_between_retries_ms = 100
 def _load_model(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "worker"
     try:
-        state = start_state(settings, hostname)
+        state = start_state(settings, hostname, app)
     except Exception:
         log.exception("model load failed; the worker stops (fix the model setting: %s)", settings.model)
         sys.exit(1)

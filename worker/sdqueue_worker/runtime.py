@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
 
+from sdqueue.errors import StartupError
 from sdqueue_worker.schedulers import build_schedulers
 from sdqueue_worker.settings import WorkerSettings
 
@@ -62,11 +63,11 @@ def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: 
     """Fail start-up unless both pipelines use the very same modules, in the expected dtype."""
     for name in SHARED_MODULES:
         if getattr(txt2img, name) is not getattr(img2img, name):
-            raise RuntimeError(f"img2img pipeline does not share {name} with txt2img: VRAM would double")
+            raise StartupError(f"img2img pipeline does not share {name} with txt2img: VRAM would double")
     for name in ("unet", "vae", "text_encoder"):
         module_dtype = getattr(txt2img, name).dtype
         if module_dtype != dtype:
-            raise RuntimeError(f"{name} is {module_dtype} after building img2img, expected {dtype}")
+            raise StartupError(f"{name} is {module_dtype} after building img2img, expected {dtype}")
 
 
 def library_versions() -> dict[str, str]:
