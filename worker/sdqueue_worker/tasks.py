@@ -24,7 +24,7 @@ def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
         is_cancelled=signals.cancelled,
-        maybe_done=bool((task.request.delivery_info or {}).get("redelivered")) or bool(task.request.retries),
+        maybe_done=True,  # also a fresh message: a resubmit after the result TTL must not regenerate
     )
 
 
