@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -187,18 +189,30 @@ class WorkerNotInstalled(SdqError):
     """A worker command was run where only the client is installed."""
 
 
+WORKER_PACKAGES = ("sdqueue_worker", "torch", "diffusers", "transformers")
+"""What a worker command needs beyond the client (the ``worker`` extra)."""
+
+
+def _absent(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except ImportError:
+        return True
+
+
 def _worker_side(module: str) -> Any:
     """Import a module of the worker package, or say how to install it."""
-    import importlib
-
+    missing = [name for name in WORKER_PACKAGES if _absent(name)]
     try:
-        return importlib.import_module(module)
+        if not missing:
+            return importlib.import_module(module)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("sdqueue_worker", "torch", "diffusers", "transformers"):
-            raise WorkerNotInstalled(
-                f'this command needs the GPU worker ({exc.name} is missing): pip install "sdqueue[worker]"'
-            ) from None
-        raise
+        if not exc.name or exc.name.split(".")[0] not in WORKER_PACKAGES:
+            raise
+        missing = [exc.name]
+    raise WorkerNotInstalled(
+        f'this command needs the GPU worker ({", ".join(missing)} missing): pip install "sdqueue[worker]"'
+    ) from None
 
 
 def cmd_build_tiny_model(args: argparse.Namespace) -> int:

@@ -318,9 +318,9 @@ class JobHandle:
     def _failure(self, async_result: AsyncResult) -> JobFailed:
         error = async_result.result
         if state_of(async_result.state, error) is JobState.CANCELLED:
-            return JobCancelled(self.job_id, "cancelled", "JobCancelled")
+            return JobCancelled(job_id=self.job_id, message="cancelled", error_type="JobCancelled")
         message = error.reason if isinstance(error, JobFailed) else str(error)
-        return JobFailed(self.job_id, message, type(error).__name__)
+        return JobFailed(job_id=self.job_id, message=message, error_type=type(error).__name__)
 
     def cancel(self) -> None:
         """Cancel: a queued job never runs; a running one stops at its next step."""

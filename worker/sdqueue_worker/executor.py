@@ -262,7 +262,7 @@ class GpuExecutor:
                 if request.on_progress:
                     request.on_progress(step + 1, request.total_steps)
             if all(request.cancelled() for request in batch):
-                raise _Stop(JobCancelled(batch[0].job_id, "cancelled while running"))
+                raise _Stop(JobCancelled(job_id=batch[0].job_id, message="cancelled while running"))
             if time.monotonic() > min(request.deadline for request in batch):
                 raise _Stop(
                     GenerationError(
@@ -292,14 +292,16 @@ class GpuExecutor:
 
 def _still_wanted(request: GenerationRequest) -> bool:
     if request.cancelled():
-        request.future.set_exception(JobCancelled(request.job_id, "cancelled before it started"))
+        request.future.set_exception(
+            JobCancelled(job_id=request.job_id, message="cancelled before it started")
+        )
         return False
     return True
 
 
 def _settle(request: GenerationRequest, pixels: object) -> None:
     if request.cancelled():
-        request.future.set_exception(JobCancelled(request.job_id, "cancelled while running"))
+        request.future.set_exception(JobCancelled(job_id=request.job_id, message="cancelled while running"))
     else:
         request.future.set_result(pixels)
 
