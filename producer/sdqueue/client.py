@@ -195,7 +195,7 @@ class SdQueue:
             existing = json.loads(self.redis.get(job_claim_key(job_id)) or "{}")
         except redis.RedisError as exc:
             raise BrokerUnavailable(
-                f"cannot reach Redis at {self.settings.redis_url_masked}: {exc}"
+                f"could not submit job {job_id}: Redis at {self.settings.redis_url_masked} unreachable ({exc})"
             ) from None
         if existing.get("fingerprint") not in (None, fingerprint):
             raise JobIdConflict(f"job id {job_id!r} was already used for a different job; pick a new id")
