@@ -185,12 +185,11 @@ def test_flush_window_waits_for_a_job_still_preparing() -> None:
     fake = FakeGenerate()
     with running(fake, max_batch=4, flush_window_s=WAIT_S) as executor:
         executor.start()
-        second_ready = threading.Event()
-        with executor.preparing():
-            first = executor.submit(request("first"))
-            with executor.preparing():  # another task thread, still downloading its input
-                second_ready.wait(0.2)
-                second = executor.submit(request("second"))
+        with executor.preparing():  # another task thread, still downloading its input
+            with executor.preparing():
+                first = executor.submit(request("first"))
+            time.sleep(0.2)  # the GPU thread has the first job and waits in the window meanwhile
+            second = executor.submit(request("second"))
         outcome(first)
         outcome(second)
     assert fake.job_ids == [["first", "second"]]
@@ -201,13 +200,12 @@ def test_flush_window_never_waits_past_the_window() -> None:
     window = 0.3
     with running(fake, max_batch=4, flush_window_s=window) as executor:
         executor.start()
-        stalled = threading.Event()
-        with executor.preparing():  # a task thread that never submits while we wait
+        with executor.preparing():  # another task thread, stuck preparing while we wait
             began = time.monotonic()
-            req = executor.submit(request("first"))
+            with executor.preparing():
+                req = executor.submit(request("first"))
             outcome(req)
             waited = time.monotonic() - began
-            stalled.set()
     assert window * 0.9 <= waited < window + WAIT_S / 2
     assert fake.job_ids == [["first"]]
 
