@@ -8,6 +8,7 @@ field the runtime writes about itself.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from diffusers import AutoPipelineForImage2Image
 from sdqueue import Img2ImgJob, Txt2ImgJob
 from sdqueue.locations import ObjectRef
 from sdqueue_worker.executor import GpuExecutor
+from sdqueue_worker.generation import run_batch
 from sdqueue_worker.jobs import JobContext, JobRunner
 from sdqueue_worker.runtime import Runtime, check_shared, load_runtime
 from sdqueue_worker.settings import WorkerSettings
@@ -70,7 +72,8 @@ def test_every_mode_calls_the_modules_loaded_once(runtime: Runtime, settings: Wo
     img2img jobs run the VAE encoder, and the manifest names the pipeline that ran."""
     key = f"runtime/{uuid.uuid4().hex[:8]}.png"
     s3.put_object(Bucket="inputs", Key=key, Body=png_bytes(smooth_image(4)))
-    executor = GpuExecutor(runtime, settings.max_batch, 0.05, time_limit_s=120)
+    executor = GpuExecutor(functools.partial(run_batch, runtime), settings.max_batch, 0.05, time_limit_s=120)
+    executor.start()
     runner = JobRunner(settings, runtime, executor, WorkerStorage(settings), hostname="in-process")
     loaded = {id(m) for name in COMPONENTS for m in getattr(runtime.txt2img, name).modules()}
     encoder = {id(m) for m in runtime.txt2img.vae.encoder.modules()}
@@ -80,20 +83,25 @@ def test_every_mode_calls_the_modules_loaded_once(runtime: Runtime, settings: Wo
         Img2ImgJob(prompt="i", image_url=f"s3://inputs/{key}", width=64, height=64, steps=4, seed=2),
         Img2ImgJob(prompt="i", image_url=f"s3://inputs/{key}", width=64, height=64, steps=4, num_images=3),
     ]
-    pipelines = {}
-    for job in jobs:
-        with module_calls() as calls:
-            result = runner.run(job, JobContext(job_id=f"rt-{uuid.uuid4().hex[:8]}", maybe_done=False))
-        manifest = runner.storage.read_json(ObjectRef(*result["manifest_url"][5:].split("/", 1)))
-        assert manifest is not None
-        called = {id(module) for module, _ in calls}
-        strangers = [type(m).__name__ for m, _ in calls if id(m) not in loaded]
-        assert not strangers, f"{job.mode} called modules that were not loaded at start-up: {strangers[:5]}"
-        assert {d for _, dtypes in calls for d in dtypes} == {runtime.dtype}
-        for name in COMPONENTS:  # each component ran (the VAE through decode(), not its forward)
-            assert called & {id(m) for m in getattr(runtime.txt2img, name).modules()}, name
-        assert bool(called & encoder) == (job.mode == "img2img"), "only img2img encodes its input"
-        pipelines[job.mode] = manifest["model"]["pipeline"]
+    try:
+        pipelines = {}
+        for job in jobs:
+            with module_calls() as calls:
+                result = runner.run(job, JobContext(job_id=f"rt-{uuid.uuid4().hex[:8]}", maybe_done=False))
+            manifest = runner.storage.read_json(ObjectRef(*result["manifest_url"][5:].split("/", 1)))
+            assert manifest is not None
+            called = {id(module) for module, _ in calls}
+            strangers = [type(m).__name__ for m, _ in calls if id(m) not in loaded]
+            assert not strangers, (
+                f"{job.mode} called modules that were not loaded at start-up: {strangers[:5]}"
+            )
+            assert {d for _, dtypes in calls for d in dtypes} == {runtime.dtype}
+            for name in COMPONENTS:  # each component ran (the VAE through decode(), not its forward)
+                assert called & {id(m) for m in getattr(runtime.txt2img, name).modules()}, name
+            assert bool(called & encoder) == (job.mode == "img2img"), "only img2img encodes its input"
+            pipelines[job.mode] = manifest["model"]["pipeline"]
+    finally:
+        executor.stop()
     assert pipelines == {
         "txt2img": "StableDiffusionPipeline",
         "img2img": "StableDiffusionImg2ImgPipeline",
