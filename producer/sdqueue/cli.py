@@ -78,7 +78,7 @@ def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     job: dict[str, Any] = {"mode": args.mode, "prompt": args.prompt}
     job.update({name: getattr(args, name) for name in SPEC_OPTIONS if getattr(args, name, None) is not None})
     if args.output_bucket:
-        job["output"] = {"bucket": args.output_bucket, "prefix": args.output_prefix or "outputs"}
+        job["output"] = {"bucket": args.output_bucket, "prefix": args.output_prefix or ""}
     return job
 
 

@@ -32,10 +32,10 @@ from sdqueue.errors import (
     JobValidationError,
     WaitTimeout,
 )
-from sdqueue.locations import ObjectRef, allowed_input
+from sdqueue.locations import ObjectRef
 from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, progress_key
+from sdqueue.policy import check_job
 from sdqueue.settings import Settings, get_settings
-from sdqueue.webhooks import check_webhook_url
 
 Job = Txt2ImgJob | Img2ImgJob
 Lane = Literal["interactive", "bulk"]
@@ -103,7 +103,7 @@ def publish_job(
     ``JobHandle.wait`` subscribes only when someone waits.
     """
     name = TASK_FOR_MODE[spec.mode]
-    payload = spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+    payload = spec.model_dump(mode="json", exclude_none=True)  # with its mode: the worker checks it
     message = app.amqp.create_task_message(
         job_id,
         name,
@@ -139,14 +139,11 @@ class SdQueue:
         self._storage: Any = None
 
     def validate(self, job: Job | dict[str, Any]) -> Job:
-        """Check a spec as the worker will (limits, input allow-list, output bucket)."""
-        spec = parse_job(job.model_dump(mode="json") if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else job)
-        if isinstance(spec, Img2ImgJob):
-            allowed_input(spec.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
-        if spec.output is not None and spec.output.bucket not in self.settings.allowed_output_buckets:
-            raise JobValidationError(f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket")
-        if spec.webhook_url is not None:
-            check_webhook_url(spec.webhook_url, self.settings.webhook_hosts)
+        """Check a spec as the worker will (limits, input allow-list, output bucket, webhook and
+        callback allow-lists). A model is already valid by construction: only the allow-lists are
+        applied to it; a dict is parsed first."""
+        spec = job if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else parse_job(job)
+        check_job(spec, self.settings)
         return spec
 
     def submit(self, job: Job | dict[str, Any], lane: Lane = "interactive") -> JobHandle:
@@ -256,9 +253,9 @@ class JobHandle:
     def _failure(self, async_result: AsyncResult) -> JobFailed:
         error = async_result.result
         if async_result.state == "REVOKED" or type(error).__name__ == "JobCancelled":
-            return JobCancelled(self.job_id, "cancelled", "JobCancelled")
+            return JobCancelled("cancelled", self.job_id, "JobCancelled")
         message = error.reason if isinstance(error, JobFailed) else str(error)
-        return JobFailed(self.job_id, message, type(error).__name__)
+        return JobFailed(message, self.job_id, type(error).__name__)
 
     def cancel(self) -> None:
         """Cancel: a queued job never runs; a running one stops at its next step."""

@@ -20,6 +20,7 @@ from typing import Any
 from celery import signals
 
 from sdqueue.celeryconfig import make_celery
+from sdqueue.errors import StartupError
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.settings import get_worker_settings
@@ -30,6 +31,10 @@ settings = get_worker_settings()
 app = make_celery(settings, "sdqueue-worker", include=["sdqueue_worker.tasks", "sdqueue_worker.notify"])
 app.steps["consumer"].add(LeaseKeeper)
 app.Task.Strategy = "sdqueue_worker.strategy:guarded"  # a malformed message must not stop the worker
+app.conf.worker_consumer = "sdqueue_worker.consumer:Consumer"  # every message gets a final result
+app.conf.worker_pool = "sdqueue_worker.pool:TaskPool"  # threads, with revoke(terminate=True) honoured
+# Failed results without server tracebacks, capped; OOM answers from Redis retried (backend.py).
+app.conf.result_backend = f"sdqueue_worker.backend:WorkerRedisBackend+{settings.redis_url.get_secret_value()}"
 # A result stored while Redis restarts: 10 jittered tries, waits from 0.2 s doubling to a 10 s cap
 # (about 25 s in all on average, at most 53 s) instead of the default 10 ms start (about 5 s),
 # after which a finished job would be reported failed. Worker only: producers should fail fast.
@@ -41,6 +46,9 @@ def _load_model(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "worker"
     try:
         state = start_state(settings, hostname)
+    except StartupError as exc:
+        log.error("the worker cannot start: %s", exc)
+        sys.exit(1)
     except Exception:
         log.exception("model load failed; the worker stops (fix the model setting: %s)", settings.model)
         sys.exit(1)

@@ -147,7 +147,7 @@ class GpuExecutor:
     @staticmethod
     def _still_wanted(request: GenerationRequest) -> bool:
         if request.cancelled():
-            request.future.set_exception(JobCancelled(request.job_id, "cancelled before it started"))
+            request.future.set_exception(JobCancelled("cancelled before it started", request.job_id))
             return False
         return True
 
@@ -177,7 +177,7 @@ class GpuExecutor:
 
     def _settle(self, request: GenerationRequest, pixels: object) -> None:
         if request.cancelled():
-            request.future.set_exception(JobCancelled(request.job_id, "cancelled while running"))
+            request.future.set_exception(JobCancelled("cancelled while running", request.job_id))
         else:
             request.future.set_result(pixels)
 
@@ -209,7 +209,7 @@ class GpuExecutor:
                 if request.on_progress:
                     request.on_progress(step + 1, request.total_steps)
             if all(request.cancelled() for request in batch):
-                raise _Stop(JobCancelled(batch[0].job_id, "cancelled while running"))
+                raise _Stop(JobCancelled("cancelled while running", batch[0].job_id))
             if time.monotonic() > min(request.deadline for request in batch):
                 raise _Stop(
                     GenerationError(

@@ -10,6 +10,7 @@ import redis
 
 from sdqueue.names import model_loads_key
 from sdqueue_worker.accel import optimise, use_compile, warm_up
+from sdqueue_worker.checks import check_startup
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.guards import SignalPump
 from sdqueue_worker.jobs import JobRunner
@@ -51,10 +52,13 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
 
 
 def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
-    """Load the model (once per process) and start the GPU thread."""
+    """Check the broker, storage and files, load the model (once per process), start the GPU thread."""
     global _STATE
     if _STATE is not None:
         return _STATE
+    storage = WorkerStorage(settings)
+    client = redis_client(settings)
+    check_startup(settings, client, storage, hostname)
     runtime = load_runtime(settings)
     executor = GpuExecutor(
         runtime,
@@ -65,8 +69,6 @@ def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
         prepare=lambda: _prepare_gpu(runtime, settings),
     )
     executor.wait_ready()
-    storage = WorkerStorage(settings)
-    client = redis_client(settings)
     client.incr(model_loads_key(hostname))
     _STATE = WorkerState(
         settings,

@@ -9,15 +9,17 @@ commit marker, and readers trust only a job whose manifest exists.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from sdqueue.errors import InputImageError, StorageRefused, StorageUnavailable
+from sdqueue.errors import InputImageError, SdqError, StartupError, StorageRefused, StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.storage import Storage
 
+log = logging.getLogger(__name__)
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _ALREADY_THERE = {"412", "PreconditionFailed"}
 _RETRYABLE_CODES = {
@@ -38,14 +40,30 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _classify(exc: Exception, what: str, refused: type[Exception] = StorageRefused) -> Exception:
+_PERMISSION = {"writing": "s3:PutObject", "reading": "s3:GetObject", "deleting": "s3:DeleteObject"}
+
+
+def _hint(code: str, what: str, bucket: str) -> str:
+    if code == "NoSuchBucket":
+        return f"; bucket {bucket!r} does not exist: create it or fix SDQ_OUTPUT_BUCKET / output.bucket"
+    if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        permission = _PERMISSION.get(what.split(" ", 1)[0], "access")
+        return f"; the worker's credentials need {permission} on bucket {bucket!r}"
+    return ""
+
+
+def _classify(
+    exc: Exception, what: str, refused: type[Exception] = StorageRefused, bucket: str = ""
+) -> Exception:
     """Map a boto error to a permanent (``refused``) or transient sdqueue error."""
     if isinstance(exc, ClientError):
         code = _code(exc)
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in _RETRYABLE_CODES or status in _RETRYABLE_CODES:
             return StorageUnavailable(f"{what}: storage answered {code or status}")
-        return refused(f"{what}: storage refused the request ({code or status})")
+        return refused(
+            f"{what}: storage refused the request ({code or status}){_hint(code or status, what, bucket)}"
+        )
     return StorageUnavailable(f"{what}: storage unreachable ({type(exc).__name__})")
 
 
@@ -90,7 +108,7 @@ class WorkerStorage(Storage):
         except ClientError as exc:
             if _code(exc) in _ALREADY_THERE:
                 return False
-            raise _classify(exc, f"writing {ref.url}") from None
+            raise _classify(exc, f"writing {ref.url}", bucket=ref.bucket) from None
         except (BotoCoreError, BotoConnectionError) as exc:
             raise _classify(exc, f"writing {ref.url}") from None
 
@@ -101,8 +119,31 @@ class WorkerStorage(Storage):
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
-            raise _classify(exc, f"reading {ref.url}") from None
+            raise _classify(exc, f"reading {ref.url}", bucket=ref.bucket) from None
         except (BotoCoreError, BotoConnectionError) as exc:
             raise _classify(exc, f"reading {ref.url}") from None
         manifest: dict[str, Any] = json.loads(body)
         return manifest
+
+    def read_json_quietly(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """``read_json``, with any storage fault read as "not there"."""
+        try:
+            return self.read_json(ref)
+        except (SdqError, ValueError):
+            return None
+
+    def delete_quietly(self, refs: list[ObjectRef]) -> None:
+        """Best-effort removal of objects (a job's images when its manifest cannot be written)."""
+        for ref in refs:
+            try:
+                self.client.delete_object(Bucket=ref.bucket, Key=ref.key)
+            except (ClientError, BotoCoreError, BotoConnectionError):
+                log.warning("could not remove %s after a failed manifest write", ref.url)
+
+    def probe_write(self, ref: ObjectRef) -> None:
+        """Write a small object, or raise StartupError naming the bucket and the permission."""
+        try:
+            self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=b"sdqueue write probe\n")
+        except (ClientError, BotoCoreError, BotoConnectionError) as exc:
+            error = _classify(exc, f"writing {ref.url}", bucket=ref.bucket)
+            raise StartupError(f"the worker cannot write to its output bucket: {error}") from None
