@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import redis
 
-from sdqueue.errors import StartupError
+from sdqueue.errors import StartupError, StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
@@ -89,12 +90,23 @@ def check_writable(path: str | None, setting: str) -> None:
         ) from None
 
 
-def probe_outputs(storage: WorkerStorage, settings: WorkerSettings, hostname: str) -> None:
-    """Write a probe object into each allowed output bucket under the output prefix."""
+def probe_outputs(
+    storage: WorkerStorage, settings: WorkerSettings, hostname: str, attempts: int = 6
+) -> None:
+    """Write a probe object into each allowed output bucket under the output prefix. Storage that
+    cannot be reached yet is tried again (about 30 s in all); a refusal stops the start at once."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", hostname) or "worker"
+    key = "/".join(p for p in (settings.output_prefix.strip("/"), ".sdqueue-probe", name) if p)
     for bucket in settings.allowed_output_buckets:
-        key = "/".join(p for p in (settings.output_prefix.strip("/"), ".sdqueue-probe", name) if p)
-        storage.probe_write(ObjectRef(bucket, key))
+        for attempt in range(attempts):
+            try:
+                storage.probe_write(ObjectRef(bucket, key))
+                break
+            except StorageUnavailable as exc:
+                if attempt + 1 == attempts:
+                    raise StartupError(f"the worker cannot reach its output bucket: {exc}") from None
+                log.warning("output bucket %s not reachable yet (%s); trying again", bucket, exc)
+                time.sleep(min(2.0**attempt, 10.0))
 
 
 def check_startup(

@@ -19,6 +19,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from sdqueue.contract import is_valid_job_id
 from sdqueue.errors import JobValidationError
 from sdqueue_worker.backend import cap
+from sdqueue_worker.strategy import SDQUEUE_TASKS
 
 log = logging.getLogger(__name__)
 _RAW_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
@@ -76,6 +77,15 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
             "the job spec as kwargs (numbers under 4,300 digits, nesting under 1,000 levels)",
         )
         message.ack()
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = cap(str((message.headers or {}).get("task") or (body or {}).get("task")), 100)
+        self._answer(
+            message,
+            f"task {name!r} is not an sdqueue task (NotRegistered); sdqueue's queues take "
+            f"{', '.join(sorted(SDQUEUE_TASKS))} only",
+        )
+        message.reject_log_error(log, self.connection_errors)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         self._answer(message, cap(str(exc), 500))

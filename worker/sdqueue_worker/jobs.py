@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sdqueue.contract import Img2ImgJob
-from sdqueue.errors import SdqError
+from sdqueue.errors import StorageRefused
 from sdqueue.locations import ObjectRef
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.generation import GenerationRequest, ProgressFn
@@ -87,20 +87,21 @@ class JobRunner:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
         timings["total_s"] = time.time() - started
         manifest = self._manifest(item, images, input_info, timings, batch_size)
-        manifest = self._commit(item, manifest, images)
+        manifest = self.commit_manifest(item, manifest, images)
         observe_job(item.mode, timings, batch_size)
         return result_from_manifest(manifest)
 
-    def _commit(
+    def commit_manifest(
         self, item: WorkItem, manifest: dict[str, Any], images: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """Write the manifest (the commit marker) once; a refused write removes the job's images."""
+        """Write the manifest (the commit marker) once. A refused write (permanent) removes the job's
+        images, so no orphan stays; a transient fault leaves them for the retry to find."""
         body = json.dumps(manifest, indent=1).encode()
         try:
             written = self.storage.put_once(
                 item.manifest_ref, body, "application/json", {"job-id": item.job_id}
             )
-        except SdqError:
+        except StorageRefused:
             if self.storage.read_json_quietly(item.manifest_ref) is None:
                 self.storage.delete_quietly([ObjectRef(image["bucket"], image["key"]) for image in images])
             raise

@@ -141,9 +141,12 @@ class WorkerStorage(Storage):
                 log.warning("could not remove %s after a failed manifest write", ref.url)
 
     def probe_write(self, ref: ObjectRef) -> None:
-        """Write a small object, or raise StartupError naming the bucket and the permission."""
+        """Write a small object; raise StartupError naming the bucket and the permission on a
+        refusal, StorageUnavailable when storage cannot be reached."""
         try:
             self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=b"sdqueue write probe\n")
         except (ClientError, BotoCoreError, BotoConnectionError) as exc:
             error = _classify(exc, f"writing {ref.url}", bucket=ref.bucket)
+            if isinstance(error, StorageUnavailable):
+                raise error from None
             raise StartupError(f"the worker cannot write to its output bucket: {error}") from None
