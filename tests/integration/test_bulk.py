@@ -124,7 +124,7 @@ def test_csv_from_stdin_is_typed_by_the_contract(
     first, second = report_of(tmp_path / "r.jsonl")
     assert (first["line"], second["line"]) == (2, 3)
     bucket, key = first["images"][0].removeprefix("s3://").split("/", 1)
-    assert key.startswith("bulkcsv/")
+    assert key.startswith("outputs/bulkcsv/"), key
     manifest_key = key.rsplit("/", 1)[0] + "/manifest.json"
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
     assert manifest["spec"]["steps"] == 2 and manifest["spec"]["guidance_scale"] == 6.5

@@ -39,6 +39,9 @@ app.conf.result_backend = f"sdqueue_worker.backend:WorkerRedisBackend+{settings.
 # (about 25 s in all on average, at most 53 s) instead of the default 10 ms start (about 5 s),
 # after which a finished job would be reported failed. Worker only: producers should fail fast.
 app.conf.result_backend_base_sleep_between_retries_ms = 100
+# Redis full ("OOM command not allowed") or down for longer: keep trying about 2.5 minutes on
+# average (30 tries, 10 s cap) so a finished job's result lands once memory is free again.
+app.conf.result_backend_max_retries = 30
 
 
 @signals.worker_init.connect

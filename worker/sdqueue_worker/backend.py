@@ -28,7 +28,10 @@ def cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+    """Redis at maxmemory refusing a write (redis-py drops the "OOM" prefix from the message)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM")
+    )
 
 
 def _small(value: Any) -> bool:
