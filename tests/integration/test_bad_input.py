@@ -242,9 +242,11 @@ def test_worker_refuses_non_json_messages(queue: SdQueue, worker, tmp_path: Path
     good_job_still_runs(queue)
     assert not marker.exists(), "the worker unpickled the message"
     assert not queue.redis.exists(deliveries_key(job_id, 0)), "the job must never run"
-    assert AsyncResult(job_id, app=queue.celery).state == "PENDING"
+    refused = AsyncResult(job_id, app=queue.celery)
+    assert refused.state == "FAILURE", "a refused message still gets an answer"
+    assert "Refusing to deserialize untrusted content" in str(refused.result), refused.result
     print(
-        f"{serializer} message refused and dropped (logged ContentDisallowed); never run; worker still serving"
+        f"{serializer} message refused (FAILURE: ContentDisallowed), never deserialised or run; worker still serving"
     )
 
 
@@ -637,7 +639,7 @@ def test_s3_write_refusals_are_permanent_and_a_refused_manifest_leaves_no_images
         runner = JobRunner(settings, None, None, storage, "test")  # type: ignore[arg-type]
         with pytest.raises(StorageRefused, match="s3:PutObject"):
             runner.commit_manifest(item, {"job_id": item.job_id}, images)
-        left = s3.list_objects_v2(Bucket="results", Prefix=item.folder.key).get("KeyCount", 0)
+        left = storage.client.list_objects_v2(Bucket="results", Prefix=item.folder.key).get("KeyCount", 0)
         assert left == 0, "the images of a job without a manifest must be removed"
     finally:
         server.stop()
