@@ -37,6 +37,18 @@ class ObjectRef:
         return f"s3://{self.bucket}/{self.key}"
 
 
+def job_folder(bucket: str, configured_prefix: str, job_prefix: str, job_id: str) -> ObjectRef:
+    """Where a job's images and manifest go: ``{SDQ_OUTPUT_PREFIX}/{output.prefix}/{job_id}/`` in its
+    output bucket. A job's own prefix is a sub-folder of the configured one, never outside it."""
+    parts = (configured_prefix.strip("/"), job_prefix.strip("/"), job_id)
+    return ObjectRef(bucket, "/".join(part for part in parts if part))
+
+
+def manifest_ref(folder: ObjectRef) -> ObjectRef:
+    """The manifest of a job folder: written last, the commit marker of a finished job."""
+    return ObjectRef(folder.bucket, f"{folder.key}/manifest.json")
+
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 

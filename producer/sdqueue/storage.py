@@ -1,4 +1,5 @@
-"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs.
+"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs,
+manifest reads (a finished job's source of truth), and the mapping of S3 errors to sdqueue's.
 
 The worker's side (input download with limits, conditional writes) is
 ``sdqueue_worker.storage``.
@@ -6,13 +7,67 @@ The worker's side (input download with limits, conditional writes) is
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from sdqueue.errors import StorageRefused, StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.settings import Settings
+
+MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+ALREADY_THERE_CODES = {"412", "PreconditionFailed"}
+RETRYABLE_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "ConditionalRequestConflict",
+    "409",
+}
+
+
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+PERMISSIONS = {"writing": "s3:PutObject", "reading": "s3:GetObject", "deleting": "s3:DeleteObject"}
+REFUSALS = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def refusal_hint(code: str, what: str, bucket: str) -> str:
+    """What to fix for a refusal: the missing bucket, or the permission the credentials lack."""
+    if not bucket:
+        return ""
+    if code == "NoSuchBucket":
+        return f"; bucket {bucket!r} does not exist: create it or fix SDQ_OUTPUT_BUCKET / output.bucket"
+    if code in REFUSALS:
+        permission = PERMISSIONS.get(what.split(" ", 1)[0], "access")
+        return f"; the worker's credentials need {permission} on bucket {bucket!r}"
+    return ""
+
+
+def classify_error(
+    exc: Exception, what: str, refused: type[Exception] = StorageRefused, bucket: str = ""
+) -> Exception:
+    """Map a boto error to a permanent (``refused``) or transient sdqueue error; a refusal names
+    the bucket and the missing permission when ``bucket`` is given."""
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in RETRYABLE_CODES or status in RETRYABLE_CODES:
+            return StorageUnavailable(f"{what}: storage answered {code or status}")
+        hint = refusal_hint(code or status, what, bucket)
+        return refused(f"{what}: storage refused the request ({code or status}){hint}")
+    return StorageUnavailable(f"{what}: storage unreachable ({type(exc).__name__})")
 
 
 def make_s3_client(settings: Settings) -> Any:
@@ -49,3 +104,16 @@ class Storage:
             ExpiresIn=expires_s or self.settings.presign_expires_s,
         )
         return url
+
+    def read_json(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """Read a JSON object, or None when it does not exist."""
+        try:
+            body = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in MISSING_CODES:
+                return None
+            raise classify_error(exc, f"reading {ref.url}", bucket=ref.bucket) from None
+        except (BotoCoreError, BotoConnectionError) as exc:
+            raise classify_error(exc, f"reading {ref.url}") from None
+        manifest: dict[str, Any] = json.loads(body)
+        return manifest

@@ -48,7 +48,7 @@ app.conf.result_backend_max_retries = 30
 def _load_model(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "worker"
     try:
-        state = start_state(settings, hostname)
+        state = start_state(settings, hostname, app)
     except StartupError as exc:
         log.error("the worker cannot start: %s", exc)
         sys.exit(1)

@@ -90,9 +90,7 @@ def check_writable(path: str | None, setting: str) -> None:
         ) from None
 
 
-def probe_outputs(
-    storage: WorkerStorage, settings: WorkerSettings, hostname: str, attempts: int = 6
-) -> None:
+def probe_outputs(storage: WorkerStorage, settings: WorkerSettings, hostname: str, attempts: int = 6) -> None:
     """Write a probe object into each allowed output bucket under the output prefix. Storage that
     cannot be reached yet is tried again (about 30 s in all); a refusal stops the start at once."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", hostname) or "worker"

@@ -37,8 +37,9 @@ class JobContext:
     on_progress: ProgressFn | None = None
     is_cancelled: Any = None
     maybe_done: bool = True
-    """False only for a first delivery of a fresh message; the manifest check is then skipped
-    (a later duplicate still meets the conditional manifest write)."""
+    """Look for the job's manifest before generating (the task layer always does: a resubmit after
+    the result TTL, a redelivery). False skips that S3 read; a duplicate then still meets the
+    conditional manifest write."""
 
 
 class JobRunner:

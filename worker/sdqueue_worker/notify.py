@@ -32,6 +32,7 @@ from celery import Task, signals
 
 from sdqueue.errors import JobCancelled, JobValidationError
 from sdqueue.names import NOTIFY_QUEUE, NOTIFY_TASK, notified_key
+from sdqueue.states import JobState
 from sdqueue.webhooks import check_webhook_url, service_netlocs, signed_headers, webhook_id
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
@@ -54,10 +55,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
 
 
-def notification_data(job_id: str, state: str, retval: Any) -> dict[str, Any]:
+def notification_data(job_id: str, state: JobState, retval: Any) -> dict[str, Any]:
     """What both channels carry: the job id, its final state, its result or its error."""
-    data: dict[str, Any] = {"job_id": job_id, "state": state}
-    if state == "succeeded":
+    data: dict[str, Any] = {"job_id": job_id, "state": state.value}
+    if state is JobState.SUCCEEDED:
         data["result"] = retval
     else:
         message = getattr(retval, "reason", None) or str(retval)
@@ -108,7 +109,7 @@ def first_outcome(job_id: str) -> bool:
         return True  # at least once: better a duplicate (same webhook-id) than a lost notification
 
 
-def announce(item: WorkItem, state: str, retval: Any) -> None:
+def announce(item: WorkItem, state: JobState, retval: Any) -> None:
     """Notify a job's end once, from the checked item (never from raw kwargs)."""
     if item.callbacks and first_outcome(item.job_id):
         send_notifications(item.callbacks, notification_data(item.job_id, state, retval))
@@ -187,4 +188,4 @@ def _on_job_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         )
     except JobValidationError:
         return  # a refused message announces nothing: its callbacks were never checked
-    announce(item, "cancelled", JobCancelled("cancelled before it started", item.job_id))
+    announce(item, JobState.CANCELLED, JobCancelled("cancelled before it started", item.job_id))

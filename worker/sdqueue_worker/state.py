@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
 
 import redis
+from celery import Celery
 
+from sdqueue.errors import StartupError
 from sdqueue.names import model_loads_key
 from sdqueue_worker.accel import optimise, use_compile, warm_up
 from sdqueue_worker.checks import check_startup
 from sdqueue_worker.executor import GpuExecutor
-from sdqueue_worker.guards import SignalPump
+from sdqueue_worker.generation import run_batch
 from sdqueue_worker.jobs import JobRunner
+from sdqueue_worker.progress import ProgressPublisher, SignalPump
 from sdqueue_worker.runtime import Runtime, load_runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
@@ -51,8 +55,12 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
     )
 
 
-def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
-    """Check the broker, storage and files, load the model (once per process), start the GPU thread."""
+def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = None) -> WorkerState:
+    """Check the broker, storage and files, load the model (once per process), start the GPU
+    thread and the progress pump.
+
+    ``app`` is the worker's Celery app, which progress is published through (None: Redis only).
+    """
     global _STATE
     if _STATE is not None:
         return _STATE
@@ -61,15 +69,16 @@ def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
     check_startup(settings, client, storage, hostname)
     runtime = load_runtime(settings)
     executor = GpuExecutor(
-        runtime,
+        functools.partial(run_batch, runtime),
         settings.max_batch,
         settings.flush_window_ms / 1000.0,
         time_limit_s=settings.job_time_limit_s,
         buckets=settings.compile_batch_sizes if use_compile(settings, runtime) else None,
         prepare=lambda: _prepare_gpu(runtime, settings),
     )
-    executor.wait_ready()
+    executor.start()
     client.incr(model_loads_key(hostname))
+    publisher = ProgressPublisher(app, hostname) if app is not None else None
     _STATE = WorkerState(
         settings,
         hostname,
@@ -78,7 +87,7 @@ def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
         storage,
         client,
         JobRunner(settings, runtime, executor, storage, hostname),
-        SignalPump(settings.progress_interval_s),
+        SignalPump(client, settings.progress_interval_s, publisher.publish if publisher else None).start(),
     )
     return _STATE
 
@@ -92,5 +101,5 @@ def _prepare_gpu(runtime: Runtime, settings: WorkerSettings) -> None:
 
 def get_state() -> WorkerState:
     if _STATE is None:
-        raise RuntimeError("worker state not started: tasks run only inside `sdqueue worker`")
+        raise StartupError("worker state not started: tasks run only inside `sdqueue worker`")
     return _STATE

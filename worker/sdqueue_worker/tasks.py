@@ -10,24 +10,15 @@ from celery.worker import state as worker_state
 
 from sdqueue.errors import JobCancelled, TransientError
 from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
+from sdqueue.states import JobState
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
-from sdqueue_worker.events import ProgressPublisher
-from sdqueue_worker.guards import StepSignals, count_delivery, run_lease
+from sdqueue_worker.guards import count_delivery, run_lease
 from sdqueue_worker.jobs import JobContext, result_from_manifest
 from sdqueue_worker.notify import announce
+from sdqueue_worker.progress import StepSignals
 from sdqueue_worker.state import WorkerState, get_state
 from sdqueue_worker.work import WorkItem, parse_message
-
-_publisher: ProgressPublisher | None = None
-
-
-def _publish(job_id: str):  # type: ignore[no-untyped-def]
-    global _publisher
-    if _publisher is None:
-        _publisher = ProgressPublisher(app, get_state().hostname)
-    publisher = _publisher
-    return lambda body: publisher.publish(job_id, body)
 
 
 def revoked(job_id: str) -> bool:
@@ -41,12 +32,12 @@ def _context(task: Task, item: WorkItem, signals: StepSignals) -> JobContext:
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
         is_cancelled=lambda: signals.cancelled() or revoked(job_id),
-        maybe_done=bool((task.request.delivery_info or {}).get("redelivered")) or bool(task.request.retries),
+        maybe_done=True,  # also a fresh message: a resubmit after the result TTL must not regenerate
     )
 
 
-def outcome_of_error(exc: BaseException) -> str:
-    return "cancelled" if isinstance(exc, JobCancelled) else "failed"
+def outcome_of_error(exc: BaseException) -> JobState:
+    return JobState.CANCELLED if isinstance(exc, JobCancelled) else JobState.FAILED
 
 
 def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +59,7 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
             announce(item, outcome_of_error(exc), exc)
             raise
         result = result_from_manifest(finished)
-    announce(item, "succeeded", result)
+    announce(item, JobState.SUCCEEDED, result)
     return result
 
 
@@ -87,7 +78,7 @@ def _run(task: Task, item: WorkItem, state: WorkerState) -> dict[str, Any]:
         with state.lock:
             state.running[job_id] = token
         try:
-            signals = state.signals.open(StepSignals(state.redis, job_id, _publish(job_id)))
+            signals = state.signals.open(job_id)
             try:
                 return state.runner.run(item, _context(task, item, signals))
             finally:
