@@ -172,8 +172,8 @@ class BulkSummary:
 
     @property
     def settled(self) -> int:
-        """Lines whose outcome is known."""
-        return self.succeeded + self.failed + self.cancelled + self.invalid + self.duplicate
+        """Lines whose outcome is known (queued counts with --no-wait, where it is final)."""
+        return self.succeeded + self.failed + self.cancelled + self.invalid + self.duplicate + self.queued
 
     @property
     def exit_code(self) -> int:
@@ -336,6 +336,8 @@ class Progress(Protocol):
 
     def error(self, text: str) -> None: ...
 
+    def done(self, summary: BulkSummary) -> None: ...
+
 
 @dataclass
 class BulkOptions:
@@ -398,7 +400,10 @@ class BulkRun:
         finally:
             if self.report:
                 self.report.flush()
-        return self._finish()
+        summary = self._finish()
+        if self.progress:
+            self.progress.done(summary)
+        return summary
 
     def _loop(self) -> bool:
         """Returns True when stopped by the timeout before every line settled."""

@@ -80,6 +80,9 @@ class ErrorLog:
     def update(self, summary: BulkSummary, in_flight: int) -> None:
         """Silent mode: no live progress."""
 
+    def done(self, summary: BulkSummary) -> None:
+        """Silent mode: the summary is printed by the caller."""
+
 
 class RichProgress(ErrorLog):
     """A progress bar on stderr: settled/total, outcomes, in flight, images/s, ETA; errors above it."""
@@ -124,6 +127,12 @@ class RichProgress(ErrorLog):
         if total is not None and summary.total > total:
             self.progress.update(self.task, total=summary.total)
         self.progress.update(self.task, completed=summary.settled, counts=counts)
+
+    def done(self, summary: BulkSummary) -> None:
+        """The last update: the real line count is known now."""
+        self.update(summary, 0)
+        if not summary.interrupted:
+            self.progress.update(self.task, total=summary.total)
 
 
 def _human(summary: BulkSummary) -> str:
