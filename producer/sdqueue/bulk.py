@@ -22,17 +22,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
-from sdqueue.bulk_ids import SeenTable, content_job_id, fingerprint_tag
+from sdqueue.bulk_ids import SeenIds, content_job_id, fingerprint_tag
 from sdqueue.bulk_input import Row
 from sdqueue.bulk_report import ReportWriter
 from sdqueue.bulk_uploads import InputUploader, is_local
-from sdqueue.bulk_wire import LanePusher, Pushed
+from sdqueue.bulk_wire import LanePusher, Pushed, WireJob
 from sdqueue.celeryconfig import make_celery
 from sdqueue.client import SdQueue, publish_job
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, SdqError
 from sdqueue.locations import ObjectRef
 from sdqueue.names import QUEUE_FOR_LANE, cancel_key, job_claim_key
+from sdqueue.settings import Settings
 
 Job = Txt2ImgJob | Img2ImgJob
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -76,6 +77,13 @@ class BulkJob:
         """The task kwargs as JSON, as ``publish_job`` sends them."""
         return json.dumps(self.spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True))
 
+    def claim(self) -> str:
+        """The value of its submit-side claim, as ``SdQueue.submit`` writes it."""
+        return json.dumps({"fingerprint": self.fingerprint, "at": time.time()})
+
+    def wire(self, settings: Settings) -> WireJob:
+        return WireJob(self.job_id, self.spec.mode, self.kwargs_json(), self.claim(), settings.result_ttl_s)
+
 
 @dataclass
 class LineNote:
@@ -113,7 +121,7 @@ class Preparer:
         self.run_name = run_name
         self.duplicates = duplicates
         self.uploader = uploader
-        self.seen = SeenTable()
+        self.seen = SeenIds()
 
     def __call__(self, rows: Iterable[Row]) -> Iterator[Item]:
         for row in rows:
@@ -268,14 +276,15 @@ class ScriptSubmitter:
     """The fast path: template messages, claim and push in one script call per batch."""
 
     def __init__(self, queue: SdQueue, lane: str) -> None:
-        self.pusher = LanePusher(queue.redis, QUEUE_FOR_LANE[lane], queue.settings.result_ttl_s)
+        self.pusher = LanePusher(queue.redis, QUEUE_FOR_LANE[lane])
+        self.settings = queue.settings
         self.where = queue.settings.redis_url_masked
         self.published = 0
         self.publish_seconds = 0.0
 
     def push(self, jobs: list[BulkJob], cap: int) -> list[Pushed]:
         began = time.perf_counter()
-        wire = [(job.job_id, job.spec.mode, job.kwargs_json(), job.fingerprint) for job in jobs]
+        wire = [job.wire(self.settings) for job in jobs]
         try:
             results = self.pusher.push(wire, cap)
         except Exception as exc:
@@ -296,7 +305,7 @@ class CelerySubmitter:
         self.app = make_celery(queue.settings, "sdqueue-bulk")
         options = self.app.conf.broker_transport_options
         self.app.conf.broker_transport_options = {**options, "retry_on_timeout": False}
-        self.pusher = LanePusher(queue.redis, self.queue_name, queue.settings.result_ttl_s)
+        self.pusher = LanePusher(queue.redis, self.queue_name)
         self.published = 0
         self.publish_seconds = 0.0
 
@@ -306,8 +315,8 @@ class CelerySubmitter:
             jobs = jobs[: max(0, cap - self.pusher.depth())]
         pipe = self.queue.redis.pipeline(transaction=False)
         for job in jobs:
-            claim = json.dumps({"fingerprint": job.fingerprint, "at": time.time()})
-            pipe.set(job_claim_key(job.job_id), claim, nx=True, ex=self.queue.settings.result_ttl_s)
+            wire = job.wire(self.queue.settings)
+            pipe.set(job_claim_key(job.job_id), wire.claim, nx=True, ex=wire.claim_ttl_s)
             pipe.get(job_claim_key(job.job_id))
         replies = pipe.execute()
         results = [

@@ -4,13 +4,23 @@ A line's job id is its own ``job_id`` when it has one, else a hash of its normal
 field, defaults filled in, so ``"steps": 30`` and a missing ``steps`` are the same job) and the
 run name. The line number is not part of it: inserting, deleting or reordering lines leaves the
 other lines' ids alone, and editing a line changes only that line's id.
+
+The ids seen so far (to report repeated lines) live in flat arrays up to ``MEMORY_IDS`` distinct
+ids (about 6 MB), then move to an SQLite file in a temporary folder with a bounded page cache, so
+memory stays flat however long the file is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sqlite3
+import tempfile
 from array import array
 from dataclasses import dataclass
+
+MEMORY_IDS = 1 << 17
+DISK_CACHE_KIB = 16 * 1024
 
 ID_PREFIX = "bulk-"
 
@@ -49,6 +59,11 @@ class SeenTable:
 
     def __len__(self) -> int:
         return self._size
+
+    def items(self) -> list[tuple[int, int, int, int]]:
+        """Every (key, first line, count, tag)."""
+        columns = zip(self._keys, self._lines, self._counts, self._tags, strict=True)
+        return [entry for entry in columns if entry[0]]
 
     def _slot(self, key: int) -> int:
         mask = len(self._keys) - 1
@@ -91,3 +106,55 @@ class SeenTable:
 def fingerprint_tag(fingerprint: str) -> int:
     """32 bits of a spec fingerprint (a hex string), enough to tell two specs of one id apart."""
     return int(fingerprint[:8], 16)
+
+
+class SeenOnDisk:
+    """The same table as SQLite rows, for files with more distinct ids than fit ``MEMORY_IDS``."""
+
+    UPSERT = (
+        "INSERT INTO seen VALUES (?, ?, 1, ?) ON CONFLICT(key) DO UPDATE SET count = count + 1 "
+        "RETURNING line, count, tag"
+    )
+
+    def __init__(self, entries: list[tuple[int, int, int, int]]) -> None:
+        self.folder = tempfile.TemporaryDirectory(prefix="sdq-bulk-ids-")
+        self.db = sqlite3.connect(os.path.join(self.folder.name, "seen.db"), isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{DISK_CACHE_KIB}"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute(
+            "CREATE TABLE seen (key INTEGER PRIMARY KEY, line INTEGER, count INTEGER, tag INTEGER)"
+        )
+        rows = [(_signed(key), line, count, tag) for key, line, count, tag in entries]
+        self.db.executemany("INSERT INTO seen VALUES (?, ?, ?, ?)", rows)
+
+    def add(self, job_id: str, line: int, fingerprint: str) -> Seen | None:
+        first, count, tag = self.db.execute(
+            self.UPSERT, (_signed(_key(job_id)), line, fingerprint_tag(fingerprint))
+        ).fetchone()
+        return None if count == 1 else Seen(first, count - 1, tag)
+
+    def close(self) -> None:
+        self.db.close()
+        self.folder.cleanup()
+
+
+class SeenIds:
+    """The ids of a run's lines so far: in memory while small, on disk past ``memory_ids``."""
+
+    def __init__(self, memory_ids: int = MEMORY_IDS) -> None:
+        self.memory_ids = memory_ids
+        self.store: SeenTable | SeenOnDisk = SeenTable()
+
+    def add(self, job_id: str, line: int, fingerprint: str) -> Seen | None:
+        """Count one more line with this id; returns what was known before, or None if it is new."""
+        if isinstance(self.store, SeenTable) and len(self.store) >= self.memory_ids:
+            self.store = SeenOnDisk(self.store.items())
+        return self.store.add(job_id, line, fingerprint)
+
+    def close(self) -> None:
+        if isinstance(self.store, SeenOnDisk):
+            self.store.close()
+
+
+def _signed(key: int) -> int:
+    return key - (1 << 64) if key >= 1 << 63 else key

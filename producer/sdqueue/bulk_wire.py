@@ -37,11 +37,11 @@ local depth = 0
 for i = 1, 4 do depth = depth + redis.call('LLEN', KEYS[i]) end
 local out = {}
 for i = 5, #KEYS do
-  local arg = 2 + 2 * (i - 5)
+  local arg = 1 + 3 * (i - 5)
   if cap > 0 and depth >= cap then
     out[#out + 1] = 0
-  elseif redis.call('SET', KEYS[i], ARGV[arg + 1], 'NX', 'EX', ARGV[2]) then
-    redis.call('LPUSH', KEYS[1], ARGV[arg + 2])
+  elseif redis.call('SET', KEYS[i], ARGV[arg + 1], 'NX', 'EX', ARGV[arg + 2]) then
+    redis.call('LPUSH', KEYS[1], ARGV[arg + 3])
     depth = depth + 1
     out[#out + 1] = 1
   else
@@ -50,14 +50,27 @@ for i = 5, #KEYS do
 end
 return out
 """
-"""KEYS: the lane's four priority lists, then one claim key per job. ARGV: cap (0: none), claim
-TTL, then claim value and message per job. Returns per job 1 (pushed), 0 (deferred: lane full)
+"""KEYS: the lane's four priority lists, then one claim key per job. ARGV: cap (0: none), then per
+job its claim value, the claim's TTL in seconds and its message. Returns per job 1 (pushed), 0 (deferred: lane full)
 or the claim an earlier submit left (a string)."""
 
 
 def lane_lists(queue_name: str) -> list[str]:
     """The Redis lists that hold a lane's messages, priority 0 first."""
     return [queue_name] + [f"{queue_name}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS[1:]]
+
+
+@dataclass(frozen=True)
+class WireJob:
+    """One job as the push script needs it."""
+
+    job_id: str
+    mode: str
+    kwargs_json: str
+    """The task kwargs as JSON."""
+    claim: str
+    """The value of its claim key (the submit-side idempotency record)."""
+    claim_ttl_s: int
 
 
 @dataclass(frozen=True)
@@ -124,11 +137,10 @@ class MessageTemplate:
 class LanePusher:
     """Claims job ids and pushes their messages, one script call per batch."""
 
-    def __init__(self, redis: Any, queue_name: str, claim_ttl_s: int) -> None:
+    def __init__(self, redis: Any, queue_name: str) -> None:
         self.redis = redis
         self.lists = lane_lists(queue_name)
         self.template = MessageTemplate(queue_name)
-        self.claim_ttl_s = claim_ttl_s
         self.script = redis.register_script(PUSH_SCRIPT)
 
     def depth(self) -> int:
@@ -138,15 +150,12 @@ class LanePusher:
             pipe.llen(name)
         return sum(int(n) for n in pipe.execute())
 
-    def push(self, jobs: Sequence[tuple[str, str, str, str]], cap: int) -> list[Pushed]:
-        """Claim and push ``(job_id, mode, kwargs_json, fingerprint)`` jobs, in order, while the lane
-        holds fewer than ``cap`` messages (0: no cap)."""
-        now = time.time()
-        keys = self.lists + [job_claim_key(job_id) for job_id, _, _, _ in jobs]
-        args: list[Any] = [cap, self.claim_ttl_s]
-        for job_id, mode, kwargs_json, fingerprint in jobs:
-            args.append(json.dumps({"fingerprint": fingerprint, "at": now}))
-            args.append(self.template.build(job_id, mode, kwargs_json))
+    def push(self, jobs: Sequence[WireJob], cap: int) -> list[Pushed]:
+        """Claim and push jobs, in order, while the lane holds fewer than ``cap`` messages (0: no cap)."""
+        keys = self.lists + [job_claim_key(job.job_id) for job in jobs]
+        args: list[Any] = [cap]
+        for job in jobs:
+            args += [job.claim, job.claim_ttl_s, self.template.build(job.job_id, job.mode, job.kwargs_json)]
         return [_pushed(reply) for reply in self.script(keys=keys, args=args)]
 
 

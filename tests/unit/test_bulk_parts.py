@@ -7,7 +7,7 @@ import base64
 import json
 from pathlib import Path
 
-from sdqueue.bulk_ids import SeenTable, content_job_id
+from sdqueue.bulk_ids import Seen, SeenIds, SeenOnDisk, SeenTable, content_job_id
 from sdqueue.bulk_input import count_lines, read_rows
 from sdqueue.bulk_report import ReportWriter, read_report
 from sdqueue.bulk_wire import MessageTemplate, lane_lists
@@ -62,15 +62,19 @@ def test_content_id_ignores_line_numbers_and_defaults_but_not_the_spec_or_run() 
     assert len(ids) == 3
 
 
-def test_seen_table_grows_and_remembers_first_line_count_and_tag() -> None:
-    table = SeenTable(capacity=4)
+def test_seen_ids_grow_then_move_to_disk_and_remember_first_line_count_and_tag() -> None:
+    table = SeenIds(memory_ids=3000)
     for i in range(5000):
         assert table.add(f"id-{i}", i + 1, f"{i:08x}" + "0" * 24) is None
-    assert len(table) == 5000
+    assert isinstance(table.store, SeenOnDisk), "past memory_ids the table moved to SQLite"
     seen = table.add("id-1234", 9999, f"{1234:08x}" + "0" * 24)
     assert seen is not None and (seen.first_line, seen.count, seen.tag) == (1235, 1, 1234)
     again = table.add("id-1234", 10000, "f" * 32)
     assert again is not None and again.count == 2
+    small = SeenTable(capacity=4)
+    assert [small.add(f"k{i}", i, "0" * 32) for i in range(100)] == [None] * 100
+    assert len(small) == 100 and small.add("k7", 1, "0" * 32) == Seen(7, 1, 0)
+    table.close()
 
 
 def test_rows_stream_with_line_numbers_and_report_round_trips(tmp_path: Path) -> None:
