@@ -30,7 +30,9 @@ class Input:
         self.mode = mode
         self.path = path
         self._spooled: str | None = None
-        if path == "-" and spool:
+        if path != "-":
+            open(path, "rb").close()  # a missing or unreadable file fails here, before any output
+        elif spool:
             with tempfile.NamedTemporaryFile("w", delete=False, suffix=".sdq", encoding="utf-8") as out:
                 shutil.copyfileobj(sys.stdin, out)
             self._spooled = self.path = out.name

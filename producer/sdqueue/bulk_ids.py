@@ -6,7 +6,7 @@ run name. The line number is not part of it: inserting, deleting or reordering l
 other lines' ids alone, and editing a line changes only that line's id.
 
 The ids seen so far (to report repeated lines) live in flat arrays up to ``MEMORY_IDS`` distinct
-ids (about 6 MB), then move to an SQLite file in a temporary folder with a bounded page cache, so
+ids (about 3 MB), then move to an SQLite file in a temporary folder with a bounded page cache, so
 memory stays flat however long the file is.
 """
 
@@ -17,10 +17,11 @@ import os
 import sqlite3
 import tempfile
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-MEMORY_IDS = 1 << 17
-DISK_CACHE_KIB = 16 * 1024
+MEMORY_IDS = 1 << 16
+DISK_CACHE_KIB = 8 * 1024
 
 ID_PREFIX = "bulk-"
 
@@ -60,10 +61,10 @@ class SeenTable:
     def __len__(self) -> int:
         return self._size
 
-    def items(self) -> list[tuple[int, int, int, int]]:
+    def items(self) -> Iterator[tuple[int, int, int, int]]:
         """Every (key, first line, count, tag)."""
         columns = zip(self._keys, self._lines, self._counts, self._tags, strict=True)
-        return [entry for entry in columns if entry[0]]
+        return (entry for entry in columns if entry[0])
 
     def _slot(self, key: int) -> int:
         mask = len(self._keys) - 1
@@ -116,7 +117,7 @@ class SeenOnDisk:
         "RETURNING line, count, tag"
     )
 
-    def __init__(self, entries: list[tuple[int, int, int, int]]) -> None:
+    def __init__(self, entries: Iterable[tuple[int, int, int, int]]) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="sdq-bulk-ids-")
         self.db = sqlite3.connect(os.path.join(self.folder.name, "seen.db"), isolation_level=None)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{DISK_CACHE_KIB}"):
@@ -124,7 +125,7 @@ class SeenOnDisk:
         self.db.execute(
             "CREATE TABLE seen (key INTEGER PRIMARY KEY, line INTEGER, count INTEGER, tag INTEGER)"
         )
-        rows = [(_signed(key), line, count, tag) for key, line, count, tag in entries]
+        rows = ((_signed(key), line, count, tag) for key, line, count, tag in entries)
         self.db.executemany("INSERT INTO seen VALUES (?, ?, ?, ?)", rows)
 
     def add(self, job_id: str, line: int, fingerprint: str) -> Seen | None:
