@@ -48,6 +48,7 @@ class BulkJob:
     line: int
     job_id: str
     spec: Job
+    """The validated spec; its job_id is the line's own or None (the job id is ``job_id``)."""
     fingerprint: str
     """spec_fingerprint(spec), kept for the idempotency claim."""
     state: str = "pending"
@@ -74,8 +75,10 @@ class BulkJob:
         return body
 
     def kwargs_json(self) -> str:
-        """The task kwargs as JSON, as ``publish_job`` sends them."""
-        return json.dumps(self.spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True))
+        """The task kwargs as JSON, as ``publish_job`` sends them (the job id included)."""
+        kwargs = self.spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+        kwargs["job_id"] = self.job_id
+        return json.dumps(kwargs)
 
     def claim(self) -> str:
         """The value of its submit-side claim, as ``SdQueue.submit`` writes it."""
@@ -144,7 +147,6 @@ class Preparer:
             if spec.job_id or self.duplicates == "once":
                 return LineNote(row.line, "duplicate", job_id=job_id, duplicate_of=seen.first_line)
             duplicate_of, job_id = seen.first_line, content_job_id(fingerprint, self.run_name, seen.count + 1)
-        spec = spec.model_copy(update={"job_id": job_id})
         return BulkJob(row.line, job_id, spec, fingerprint, duplicate_of=duplicate_of)
 
     def _validate(self, row: Row) -> Job:
@@ -334,7 +336,8 @@ class CelerySubmitter:
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 2):
                 for job in jobs:
-                    publish_job(self.app, producer, job.job_id, job.spec, self.queue_name, True, retry=False)
+                    spec = job.spec.model_copy(update={"job_id": job.job_id})
+                    publish_job(self.app, producer, job.job_id, spec, self.queue_name, True, retry=False)
         except Exception as exc:
             self.queue.redis.delete(*[job_claim_key(job.job_id) for job in jobs])
             raise BrokerUnavailable(f"could not enqueue {len(jobs)} jobs: {exc}") from None

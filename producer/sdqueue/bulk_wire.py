@@ -15,10 +15,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,55 +84,81 @@ class Pushed:
     """The earlier claim, when another submit had already taken this job id."""
 
 
+FIELDS = ("BODY", "TASK", "ID", "KWARGSREPR", "ORIGIN", "SUBMITTED_AT", "DELIVERY_TAG")
+
+
+def _envelope(queue_name: str, mark: Callable[[str], Any]) -> dict[str, Any]:
+    """The message as kombu stores it, with ``mark(name)`` where a value differs per job."""
+    headers = {
+        "lang": "py",
+        "task": mark("TASK"),
+        "id": mark("ID"),
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": mark("ID"),
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": mark("KWARGSREPR"),
+        "origin": mark("ORIGIN"),
+        "ignore_result": False,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        "sdq_submitted_at": mark("SUBMITTED_AT"),
+    }
+    properties = {
+        "correlation_id": mark("ID"),
+        "reply_to": "",
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue_name},
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": mark("DELIVERY_TAG"),
+    }
+    return {
+        "body": mark("BODY"),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": properties,
+    }
+
+
 class MessageTemplate:
-    """Builds the Redis message of one job on one lane, as Celery and kombu would."""
+    """Builds the Redis message of one job on one lane, as Celery and kombu would.
+
+    The envelope is serialised once with a marker for each per-job value; a message is the
+    literal pieces joined with that job's JSON-encoded values (no per-job dict or json.dumps of it)."""
 
     def __init__(self, queue_name: str) -> None:
         self.queue_name = queue_name
-        self.origin = f"{os.getpid()}@{socket.gethostname()}"
+        self.origin = json.dumps(f"{os.getpid()}@{socket.gethostname()}")
+        text = json.dumps(_envelope(queue_name, lambda name: f"@@{name}@@"))
+        pieces = re.split(r'"@@([A-Z_]+)@@"', text)
+        self.literals, self.slots = pieces[0::2], pieces[1::2]
+        assert set(self.slots) == set(FIELDS), self.slots
 
     def build(self, job_id: str, mode: str, kwargs_json: str) -> str:
         """The JSON text LPUSHed onto the lane's list; ``kwargs_json`` is the task kwargs as JSON."""
-        body = "[[], " + kwargs_json + EMBED
-        headers: dict[str, Any] = {
-            "lang": "py",
-            "task": TASK_FOR_MODE[mode],
-            "id": job_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": job_id,
-            "parent_id": None,
-            "argsrepr": "()",
-            "kwargsrepr": kwargs_json,
-            "origin": self.origin,
-            "ignore_result": False,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-            "sdq_submitted_at": time.time(),
+        body = base64.b64encode(("[[], " + kwargs_json + EMBED).encode()).decode()
+        values = {
+            "BODY": f'"{body}"',
+            "TASK": json.dumps(TASK_FOR_MODE[mode]),
+            "ID": json.dumps(job_id),
+            "KWARGSREPR": json.dumps(kwargs_json),
+            "ORIGIN": self.origin,
+            "SUBMITTED_AT": repr(time.time()),
+            "DELIVERY_TAG": f'"{uuid.uuid4()}"',
         }
-        properties = {
-            "correlation_id": job_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": self.queue_name},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        }
-        envelope = {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": headers,
-            "properties": properties,
-        }
-        return json.dumps(envelope)
+        parts = [self.literals[0]]
+        for slot, literal in zip(self.slots, self.literals[1:], strict=True):
+            parts += (values[slot], literal)
+        return "".join(parts)
 
 
 class LanePusher:
