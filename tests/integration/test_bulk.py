@@ -154,21 +154,11 @@ def test_csv_from_stdin_typed_by_the_contract_with_a_csv_report_and_each_duplica
         f'"csv {tag}, quoted",3,,,64,72,,\n'
         f'"csv {tag}, quoted",3,,,64,72,,\n'
     )
-    report = tmp_path / "index.csv"
-    args = (
-        "bulk",
-        "-",
-        "--format",
-        "csv",
-        "--mode",
-        "txt2img",
-        "--duplicates",
-        "each",
-        "--report",
-        str(report),
-    )
-    run = sdqueue(env, *args, stdin=csv_text)
+    report, out = tmp_path / "index.csv", tmp_path / "images"
+    options = ["--format", "csv", "--mode", "txt2img", "--duplicates", "each", "--report", str(report)]
+    run = sdqueue(env, "bulk", "-", *options, "--download", str(out), stdin=csv_text)
     assert run.returncode == 0, run.stderr
+    assert '{"downloaded": 3, "skipped": 0, "failed": 0}' in run.stderr
     with report.open() as stream:
         rows = sorted(csv.DictReader(stream), key=lambda row: int(row["line"]))
     assert [row["line"] for row in rows] == ["2", "3", "4"] and rows[0]["seeds"] == "41"
@@ -185,6 +175,22 @@ def test_csv_from_stdin_typed_by_the_contract_with_a_csv_report_and_each_duplica
     )
     assert result_meta(queue, rows[1]["job_id"])["result"]["images"][0]["height"] == 72
     assert rows[1]["seeds"] != rows[2]["seeds"], "each copy of a seedless line gets its own seed"
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{row['job_id']}_0.png" for row in rows)
+
+
+@pytest.mark.usefixtures("worker")
+def test_no_wait_enqueues_and_a_second_run_collects_without_resubmitting(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    path = write_jsonl(tmp_path / "jobs.jsonl", [{**SMALL, "prompt": f"later {tag} {i}"} for i in range(2)])
+    queued = sdqueue(env, "bulk", str(path), "--no-wait", "--silent")
+    assert queued.returncode == 0, queued.stderr
+    assert (summary_of(queued.stdout)["queued"], summary_of(queued.stdout)["enqueued"]) == (2, 2)
+    collected = sdqueue(env, "bulk", str(path), "--silent")
+    assert collected.returncode == 0, collected.stderr
+    summary = summary_of(collected.stdout)
+    assert (summary["succeeded"], summary["enqueued"]) == (2, 0), "followed or read back, never resubmitted"
 
 
 @pytest.mark.usefixtures("worker")
