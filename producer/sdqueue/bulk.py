@@ -153,10 +153,18 @@ class Preparer:
         if row.spec is None:
             raise SdqError(row.error or "unreadable line")
         raw = row.spec
-        image_url = raw.get("image_url")
-        if isinstance(image_url, str) and is_local(image_url) and self.uploader is not None:
-            raw = {**raw, "image_url": self.uploader.url_for(image_url)}
+        path = _local_input(raw)
+        if path is not None and self.uploader is not None:
+            raw = {**raw, "image_url": self.uploader.url_for(path)}
         return self.queue.validate(raw)
+
+
+def _local_input(raw: dict[str, Any]) -> str | None:
+    """The local file an img2img line names as its input, if it names one."""
+    value = raw.get("image_url")
+    if raw.get("mode") == "img2img" and isinstance(value, str) and is_local(value):
+        return value
+    return None
 
 
 @dataclass

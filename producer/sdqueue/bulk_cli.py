@@ -157,7 +157,8 @@ def _preparer(args: argparse.Namespace, queue: Any, source: Input, dry_run: bool
 
 
 def _dry_run(args: argparse.Namespace, queue: Any, source: Input, quiet: bool = False) -> int:
-    """Validate every line; print each line's job id (unless ``quiet``); returns the invalid count."""
+    """Validate every line; print each line's job id and the counts (unless ``quiet``: then only the
+    errors); returns the number of invalid lines."""
     log, jobs, invalid, duplicate = ErrorLog(), 0, 0, 0
     for item in _preparer(args, queue, source, dry_run=True)(source.rows()):
         if isinstance(item, LineNote) and item.state == "invalid":
@@ -168,10 +169,9 @@ def _dry_run(args: argparse.Namespace, queue: Any, source: Input, quiet: bool = 
         duplicate += isinstance(item, LineNote)
         if not quiet:
             print(json.dumps(item.record() if isinstance(item, LineNote) else _dry_record(item)))
-    print(
-        f"{jobs} job(s) to run, {duplicate} duplicate line(s), {invalid} invalid line(s); nothing submitted",
-        file=sys.stderr,
-    )
+    if not quiet:
+        counts = f"{jobs} job(s) to run, {duplicate} duplicate line(s), {invalid} invalid line(s)"
+        print(f"{counts}; nothing submitted", file=sys.stderr)
     return invalid
 
 
