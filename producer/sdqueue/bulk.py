@@ -240,11 +240,39 @@ class StateReader:
                     finished.append(job)
         return finished
 
+    def conflicts(self, jobs: list[BulkJob]) -> list[BulkJob]:
+        """Fail the lines whose own job_id an earlier submit used for a different spec (their
+        result is another job's), before any result is read back for them."""
+        explicit = [job for job in jobs if job.spec.job_id]
+        if not explicit:
+            return []
+        claims = self.queue.redis.mget([job_claim_key(job.job_id) for job in explicit])
+        failed = []
+        for job, claim in zip(explicit, claims, strict=True):
+            if claim_fingerprint(claim) not in (None, job.fingerprint):
+                job.state, job.error = "failed", conflict_error(job.job_id)
+                failed.append(job)
+        return failed
+
     def forget(self, jobs: list[BulkJob]) -> None:
         """Drop the results and claims of jobs so they can run again (``--retry-failed``)."""
         keys = [key for job in jobs for key in (self._meta_key(job.job_id), job_claim_key(job.job_id))]
         if keys:
             self.queue.redis.delete(*keys)
+
+
+def claim_fingerprint(claim: str | bytes | None) -> str | None:
+    """The spec fingerprint an idempotency claim records, if any."""
+    try:
+        body = json.loads(claim) if claim else None
+    except json.JSONDecodeError:
+        return None
+    fingerprint = body.get("fingerprint") if isinstance(body, dict) else None
+    return str(fingerprint) if fingerprint is not None else None
+
+
+def conflict_error(job_id: str) -> str:
+    return f"JobIdConflict: job id {job_id!r} was used for a different job; give this line a new job_id"
 
 
 def _error_text(result: Any) -> str:
@@ -472,7 +500,9 @@ class BulkRun:
         return read or int(self.stream_done)
 
     def _resume(self, jobs: list[BulkJob]) -> None:
-        done = self.reader.update(jobs)
+        for job in self.reader.conflicts(jobs):
+            self._record(job)
+        done = self.reader.update([job for job in jobs if job.state == "pending"])
         if self.options.retry_failed:
             failed = [job for job in done if job.state == "failed"]
             self.reader.forget(failed)
@@ -501,10 +531,7 @@ class BulkRun:
                 continue
             fingerprint = (result.claim or {}).get("fingerprint")
             if fingerprint not in (None, job.fingerprint):
-                job.state, job.error = (
-                    "failed",
-                    f"JobIdConflict: job id {job.job_id!r} was used for a different job",
-                )
+                job.state, job.error = "failed", conflict_error(job.job_id)
                 self._record(job)
             elif self.options.follow:
                 job.state = "queued"

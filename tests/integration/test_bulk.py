@@ -236,6 +236,11 @@ def test_bad_lines_are_named_and_the_good_ones_still_run_unless_strict(
     assert "line 3: invalid job: steps" in run.stderr
     states = [(r["line"], r["state"]) for r in report_of(tmp_path / "r.jsonl")]
     assert states == [(1, "succeeded"), (3, "invalid"), (4, "invalid")]
+    path.write_text(json.dumps({**SMALL, "prompt": "edited", "job_id": job_id}) + "\n")
+    edited = sdqueue(env, "bulk", str(path), "--report", str(tmp_path / "r2.jsonl"), "--silent")
+    assert edited.returncode == 1, edited.stderr
+    (record,) = report_of(tmp_path / "r2.jsonl")
+    assert record["state"] == "failed" and "JobIdConflict" in record["error"], "not the old job's images"
 
 
 def test_backpressure_reads_the_lane_depth_shared_by_two_runs_and_the_index_survives_kill(
