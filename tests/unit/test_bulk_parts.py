@@ -7,12 +7,13 @@ import base64
 import json
 from pathlib import Path
 
+from sdqueue.bulk import Duplicates, Preparer
 from sdqueue.bulk_ids import Seen, SeenIds, SeenOnDisk, SeenTable, content_job_id
 from sdqueue.bulk_input import count_lines, read_rows
 from sdqueue.bulk_report import ReportWriter, read_report
 from sdqueue.bulk_wire import MessageTemplate, lane_lists
 from sdqueue.celeryconfig import make_celery
-from sdqueue.client import publish_job
+from sdqueue.client import SdQueue, publish_job
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
 from sdqueue.settings import Settings
 
@@ -102,3 +103,45 @@ def test_rows_stream_with_line_numbers_and_report_round_trips(tmp_path: Path) ->
     with open(tmp_path / "r.jsonl", "a") as torn:
         torn.write('{"line": 4, "job_')
     assert len(list(read_report(str(tmp_path / "r.jsonl")))) == 1
+
+
+def _ids(
+    lines: list[str], duplicates: Duplicates = "once", run_name: str = ""
+) -> list[tuple[int, str, str | None]]:
+    """(line, state, job id) of each line of a CSV file, as ``sdqueue bulk`` would give them."""
+    preparer = Preparer(SdQueue(Settings()), run_name, duplicates)
+    return [
+        (item.line, item.state, item.job_id) for item in preparer(read_rows(iter(lines), "csv", "txt2img"))
+    ]
+
+
+def test_an_edited_file_changes_only_the_ids_of_new_and_edited_lines() -> None:
+    header = "prompt,steps,seed,job_id\n"
+    first = _ids([header, "a,20,1,\n", "b,20,2,\n", "c,20,3,\n", "d,20,4,\n", "e,20,,own-e\n"])
+    assert [state for _, state, _ in first] == ["pending"] * 5
+    edited = _ids([header, "new,20,9,\n", "a,20,1,\n", "c,21,3,\n", "e,20,,own-e\n", "b,20,2,\n"])
+    before = {job_id for _, _, job_id in first}
+    assert [job_id in before for _, _, job_id in edited] == [False, True, False, True, True]
+    assert edited[3][2] == "own-e" and all(
+        job_id.startswith("bulk-") for _, _, job_id in edited if job_id != "own-e"
+    )
+    renamed = _ids([header, "a,20,1,\n"], run_name="v2")
+    assert renamed[0][2] not in before, "a run name gives every content id a new value"
+
+
+def test_repeated_lines_run_once_or_each_and_a_reused_job_id_is_invalid() -> None:
+    lines = ["prompt,job_id\n", "a,\n", "b,\n", "a,\n", "x,mine\n", "x,mine\n", "y,mine\n"]
+    once = _ids(lines)
+    assert [(line, state) for line, state, _ in once] == [
+        (2, "pending"),
+        (3, "pending"),
+        (4, "duplicate"),
+        (5, "pending"),
+        (6, "duplicate"),
+        (7, "invalid"),
+    ]
+    assert once[2][2] == once[0][2]
+    each = _ids(lines, duplicates="each")
+    assert each[2][1] == "pending" and each[2][2] not in (each[0][2], None)
+    assert _ids(lines, duplicates="each")[2][2] == each[2][2], "the copy's id is stable too"
+    assert each[4][1] == "duplicate", "a repeated explicit job_id always runs once"
