@@ -81,8 +81,8 @@ class BulkJob:
         return json.dumps(kwargs)
 
     def claim(self) -> str:
-        """The value of its submit-side claim, as ``SdQueue.submit`` writes it."""
-        return json.dumps({"fingerprint": self.fingerprint, "at": time.time()})
+        """The value of its submit-side claim, as ``SdQueue.submit`` writes it (the fingerprint is hex)."""
+        return f'{{"fingerprint": "{self.fingerprint}", "at": {time.time()!r}}}'
 
     def wire(self, settings: Settings) -> WireJob:
         return WireJob(self.job_id, self.spec.mode, self.kwargs_json(), self.claim(), settings.result_ttl_s)

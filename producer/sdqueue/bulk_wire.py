@@ -13,6 +13,7 @@ tests/unit/test_bulk_wire.py checks the message against Celery's own, field by f
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import re
@@ -142,6 +143,9 @@ class MessageTemplate:
         pieces = re.split(r'"@@([A-Z_]+)@@"', text)
         self.literals, self.slots = pieces[0::2], pieces[1::2]
         assert set(self.slots) == set(FIELDS), self.slots
+        # kombu keys its unacked hash by delivery tag, so tags need only be unique: a random
+        # prefix per template and a counter cost less than a uuid4 per message.
+        self.tag_prefix, self.tags = str(uuid.uuid4()), itertools.count()
 
     def build(self, job_id: str, mode: str, kwargs_json: str) -> str:
         """The JSON text LPUSHed onto the lane's list; ``kwargs_json`` is the task kwargs as JSON."""
@@ -153,7 +157,7 @@ class MessageTemplate:
             "KWARGSREPR": json.dumps(kwargs_json),
             "ORIGIN": self.origin,
             "SUBMITTED_AT": repr(time.time()),
-            "DELIVERY_TAG": f'"{uuid.uuid4()}"',
+            "DELIVERY_TAG": f'"{self.tag_prefix}.{next(self.tags)}"',
         }
         parts = [self.literals[0]]
         for slot, literal in zip(self.slots, self.literals[1:], strict=True):

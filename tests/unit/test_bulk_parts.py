@@ -7,9 +7,9 @@ import base64
 import json
 from pathlib import Path
 
-from sdqueue.bulk import Duplicates, Preparer
+from sdqueue.bulk import BulkJob, Duplicates, Preparer
 from sdqueue.bulk_ids import Seen, SeenIds, SeenOnDisk, SeenTable, content_job_id
-from sdqueue.bulk_input import count_lines, read_rows
+from sdqueue.bulk_input import Row, count_lines, read_rows
 from sdqueue.bulk_report import ReportWriter, read_report
 from sdqueue.bulk_wire import MessageTemplate, lane_lists
 from sdqueue.celeryconfig import make_celery
@@ -50,6 +50,13 @@ def test_template_message_is_celerys_message_field_by_field() -> None:
             key: theirs[key] for key in ("content-type", "content-encoding")
         }
     assert lane_lists("q") == ["q", "q\x06\x163", "q\x06\x166", "q\x06\x169"]
+    template = MessageTemplate("q")
+    tags = {
+        json.loads(template.build(f"t{i}", "txt2img", "{}"))["properties"]["delivery_tag"] for i in range(3)
+    }
+    assert len(tags) == 3
+    job = Preparer(SdQueue(Settings())).one(Row(1, {"mode": "txt2img", "prompt": "claim"}))
+    assert isinstance(job, BulkJob) and json.loads(job.claim())["fingerprint"] == spec_fingerprint(job.spec)
 
 
 def test_content_id_ignores_line_numbers_and_defaults_but_not_the_spec_or_run() -> None:
