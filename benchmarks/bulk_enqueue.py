@@ -1,6 +1,6 @@
 """Enqueue rate of ``sdqueue bulk`` against a real redis-server, and the interactive lane behind it.
 
-    .venv/bin/python -m benchmarks.bulk_enqueue [--count 100000] [--probe] [--out FILE.json]
+    .venv/bin/python -m benchmarks.bulk_enqueue [--count 100000] [--repeat 3] [--probe] [--out FILE.json]
 
 Starts its own redis-server on a free port and measures, on ``count`` txt2img jobs:
 
@@ -15,7 +15,7 @@ With ``--probe`` it also starts moto's S3 server and one worker on the tiny mode
 ``count`` bulk jobs and times one interactive job submitted behind them (wall clock from submit
 to result, and the worker's own queue-wait figure). Prints jobs/s by wall clock and by the
 client's CPU time; the machine's load average is recorded (on a shared machine the wall-clock
-figure is the lower bound).
+figure is the lower bound). With ``--repeat N`` each figure is the median of N runs, all listed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import argparse
 import json
 import os
 import platform
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -63,6 +65,11 @@ def time_bulk(queue: SdQueue, count: int, sent_events: bool) -> dict[str, float]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert queue.redis.llen(BULK_QUEUE) == count
     return _figures(count, wall, cpu)
+
+
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median wall-clock rate."""
+    return sorted(runs, key=lambda run: run["jobs_per_s"])[len(runs) // 2]
 
 
 def write_jobs(path: Path, count: int) -> Path:
@@ -142,20 +149,29 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100_000)
     parser.add_argument("--events-count", type=int, default=10_000)
     parser.add_argument("--submit-count", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (median reported)")
     parser.add_argument(
         "--probe", action="store_true", help="also time an interactive job behind the bulk jobs"
     )
     parser.add_argument("--out", help="also write the figures as JSON here")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` still stops the services
     logdir = Path(tempfile.mkdtemp(prefix="sdq-bench-"))
     load_before = os.getloadavg()[0]
     redis = RedisServer(logdir).start()
     try:
         queue = SdQueue(Settings(redis_url=redis.url))
-        result: dict[str, Any] = {"bulk_push": time_bulk(queue, args.count, False)}
-        result["bulk_run"] = time_run(queue, write_jobs(logdir / "jobs.jsonl", args.count), args.count)
-        result["bulk_sent_events"] = time_bulk(queue, args.events_count, True)
-        result["submit"] = time_submit(queue, args.submit_count)
+        jobs_file = write_jobs(logdir / "jobs.jsonl", args.count)
+        measures = {
+            "bulk_push": lambda: time_bulk(queue, args.count, False),
+            "bulk_run": lambda: time_run(queue, jobs_file, args.count),
+            "bulk_sent_events": lambda: time_bulk(queue, args.events_count, True),
+            "submit": lambda: time_submit(queue, args.submit_count),
+        }
+        result: dict[str, Any] = {"repeats": args.repeat}
+        for name, measure in measures.items():
+            runs = [measure() for _ in range(args.repeat)]
+            result[name] = {**median_run(runs), "all_jobs_per_s": [round(run["jobs_per_s"]) for run in runs]}
         if args.probe:
             result["interactive_probe"] = probe_interactive(redis.url, args.count, logdir)
     finally:
@@ -182,7 +198,8 @@ def report(result: dict[str, Any]) -> None:
         figures = result[name]
         print(
             f"{label:22} {figures['jobs_per_s']:7.0f} jobs/s wall ({figures['jobs']} jobs in "
-            f"{figures['wall_s']:.2f}s), {figures['client_cpu_jobs_per_s']:7.0f} jobs/s per client CPU s"
+            f"{figures['wall_s']:.2f}s), {figures['client_cpu_jobs_per_s']:7.0f} jobs/s per client CPU s, "
+            f"runs {figures['all_jobs_per_s']}"
         )
     if "interactive_probe" in result:
         print(f"interactive probe: {result['interactive_probe']}")
