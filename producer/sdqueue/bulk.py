@@ -28,15 +28,16 @@ from sdqueue.bulk_report import ReportWriter
 from sdqueue.bulk_uploads import InputUploader, is_local
 from sdqueue.bulk_wire import LanePusher, Pushed, WireJob
 from sdqueue.celeryconfig import make_celery
-from sdqueue.client import SdQueue, publish_job
+from sdqueue.client import SdQueue, job_record, publish_job, record_ttl_s
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, SdqError
 from sdqueue.locations import ObjectRef
 from sdqueue.names import QUEUE_FOR_LANE, cancel_key, job_claim_key
 from sdqueue.settings import Settings
+from sdqueue.states import FINAL, JobState, state_of
 
 Job = Txt2ImgJob | Img2ImgJob
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+FINAL_STATES = tuple(state.value for state in FINAL)
 CHUNK = 500
 Duplicates = Literal["once", "each"]
 
@@ -81,11 +82,12 @@ class BulkJob:
         return json.dumps(kwargs)
 
     def claim(self) -> str:
-        """The value of its submit-side claim, as ``SdQueue.submit`` writes it (the fingerprint is hex)."""
-        return f'{{"fingerprint": "{self.fingerprint}", "at": {time.time()!r}}}'
+        """The value of its submit-side claim (the job's record), as ``SdQueue.submit`` writes it."""
+        return job_record(self.spec, self.fingerprint)
 
     def wire(self, settings: Settings) -> WireJob:
-        return WireJob(self.job_id, self.spec.mode, self.kwargs_json(), self.claim(), settings.result_ttl_s)
+        ttl = record_ttl_s(self.spec, settings)
+        return WireJob(self.job_id, self.spec.mode, self.kwargs_json(), self.claim(), ttl)
 
 
 @dataclass
@@ -288,18 +290,16 @@ def settle(job: BulkJob, meta: dict[str, Any] | None, cancelled: bool) -> bool:
     """Set a job's final state from its result-backend entry; False while it is unfinished."""
     status = (meta or {}).get("status")
     result = (meta or {}).get("result")
-    if status == "SUCCESS":
+    state = state_of(status, result, cancel_requested=cancelled)
+    if not state.final:
+        return False
+    job.state = state.value
+    if state is JobState.SUCCEEDED:
         images = (result or {}).get("images", [])
-        job.state = "succeeded"
         job.images = [image["url"] for image in images]
         job.seeds = [image.get("seed") for image in images]
-    elif status == "FAILURE":
-        is_cancel = isinstance(result, dict) and result.get("exc_type") == "JobCancelled"
-        job.state, job.error = ("cancelled" if is_cancel else "failed"), _error_text(result)
-    elif status == "REVOKED" or cancelled:
-        job.state, job.error = "cancelled", "cancelled"
     else:
-        return False
+        job.error = _error_text(result) if status == "FAILURE" else "cancelled"
     return True
 
 
