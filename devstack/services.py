@@ -166,6 +166,8 @@ def stack_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict
             "SDQ_MODEL": model,
             "SDQ_OUTPUT_BUCKET": "sdqueue",
             "SDQ_INPUT_BUCKETS": "sdqueue,inputs",
+            # the local redis-server keeps nothing on disk: say that losing queued jobs is accepted
+            "SDQ_ACCEPT_VOLATILE_BROKER": "true",
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",

@@ -45,6 +45,7 @@ examples:
   sdqueue status 3f2a...            state, progress and images of a job
   sdqueue cancel 3f2a...            a queued job never runs; a running one stops at its next step
   sdqueue bulk prompts.csv --max-in-flight 200 --report report.jsonl
+  sdqueue download report.jsonl out/  fetch a bulk run's images
   sdqueue worker --name gpu0@host   run the GPU worker (model from SDQ_MODEL)
 
 """
@@ -93,7 +94,7 @@ def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     job: dict[str, Any] = {"mode": args.mode, "prompt": args.prompt}
     job.update({name: getattr(args, name) for name in SPEC_OPTIONS if getattr(args, name, None) is not None})
     if args.output_bucket:
-        job["output"] = {"bucket": args.output_bucket, "prefix": args.output_prefix or "outputs"}
+        job["output"] = {"bucket": args.output_bucket, "prefix": args.output_prefix or ""}
     return job
 
 
@@ -176,6 +177,12 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     from sdqueue.bulk_cli import run_bulk_command
 
     return run_bulk_command(args, _queue())
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from sdqueue.bulk_cli import download_command
+
+    return download_command(_queue(), args.report, args.dir, args.silent, max(1, args.workers))
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -294,23 +301,43 @@ def _submit_parser(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
 
 
+BULK_DESCRIPTION = """\
+Submit every job of FILE (JSONL: one job object a line; CSV: a header of job fields, cells
+typed by the contract, output.bucket/output.prefix for the output) and follow them to the end.
+The file is streamed: any length, flat memory. Bad lines are reported with their line numbers
+and the good ones still run (--strict: check the whole file first, submit nothing if any is bad).
+
+Resume by content: each line's job id is its job_id column, else a hash of its normalised spec
+(plus --run-name), so running an edited file again runs only new or changed lines; finished
+jobs are skipped and jobs still queued are followed. Repeated lines run once (--duplicates each:
+every copy, each its own job and seed).
+
+Never more than --max-in-flight jobs of this run are unfinished, and no job is added while the
+lane's Redis list already holds that many (so several runs side by side share the cap).
+--report writes each line's job id, state, prompt, image URLs, seeds and error as results arrive.
+Progress goes to stderr; the summary (JSON) to stdout. Details: docs/bulk.md."""
+
+BULK_EPILOG = """\
+examples:
+  sdqueue bulk jobs.jsonl --report report.jsonl
+  sdqueue bulk prompts.csv --mode txt2img --max-in-flight 500 --report index.csv
+  sdqueue bulk prompts.csv --run-name v2 --download out/     # a fresh set of ids, then fetch
+  sdqueue download report.jsonl out/                         # fetch (again: skips what is there)
+  generate_jobs | sdqueue bulk - --dry-run                    # validate only, print job ids
+
+exit codes: 0 all succeeded (or, with --no-wait, all queued), 1 some failed, cancelled,
+unfinished or not submitted, 2 some line invalid (the valid ones still ran, unless --strict),
+3 Redis unreachable, 130 interrupted (run it again to resume)"""
+
+
 def _bulk_parser(sub: Any) -> None:
     p = _parser(
         sub,
         "bulk",
         cmd_bulk,
-        "run every job of a JSONL or CSV file, with resume and a report",
-        "Submit every job of FILE (JSONL: one job object a line; CSV: a header of job fields,\n"
-        "cells typed by the contract, output.bucket/output.prefix for the output) and follow\n"
-        "them to the end. Never more than --max-in-flight jobs are queued or running. Each\n"
-        "line gets a stable job id (its job_id, else a hash of line number and spec), so\n"
-        "running the same file again skips what is done and follows what is still running.\n"
-        "Progress goes to stderr; the summary (JSON) to stdout.",
-        "examples:\n  sdqueue bulk jobs.jsonl --report report.jsonl\n"
-        "  sdqueue bulk prompts.csv --mode txt2img --max-in-flight 500\n"
-        "  generate_jobs | sdqueue bulk - --dry-run     # validate only\n\n"
-        "exit codes: 0 all succeeded, 1 some failed/cancelled/unfinished, 2 invalid input,\n"
-        "3 Redis unreachable, 130 interrupted (run it again to resume)",
+        "run every job of a JSONL or CSV file: resume by content, results index, download",
+        BULK_DESCRIPTION,
+        BULK_EPILOG,
     )
     p.add_argument("file", help="job file, or - for stdin")
     p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv for *.csv, else jsonl")
@@ -322,12 +349,34 @@ def _bulk_parser(sub: Any) -> None:
         type=int,
         default=100,
         metavar="N",
-        help="most jobs submitted and unfinished at once (default 100)",
+        help="most jobs of this run unfinished, and most messages on the lane before adding (default 100)",
+    )
+    p.add_argument("--run-name", dest="run_name", metavar="NAME", help="part of every content-hash job id")
+    p.add_argument(
+        "--duplicates",
+        choices=["once", "each"],
+        default="once",
+        help="repeated lines: run once and report the copies (default), or run each copy",
     )
     p.add_argument(
-        "--report", metavar="PATH", help="write one JSON line per job: line, job_id, state, images or error"
+        "--strict", action="store_true", help="validate the whole file first; any bad line: exit 2"
     )
+    p.add_argument(
+        "--report", metavar="PATH", help="results index, one record a line (JSONL, or CSV for *.csv)"
+    )
+    p.add_argument("--report-format", dest="report_format", choices=["jsonl", "csv"], help="override")
     p.add_argument("--presign", action="store_true", help="add presigned http URLs to the report")
+    p.add_argument(
+        "--download",
+        metavar="DIR",
+        help="then fetch the images into DIR (report in DIR/report.jsonl if none)",
+    )
+    p.add_argument(
+        "--upload-bucket",
+        dest="upload_bucket",
+        metavar="BUCKET",
+        help="where local img2img inputs go (default: the first of SDQ_INPUT_BUCKETS)",
+    )
     p.add_argument(
         "--retry-failed",
         dest="retry_failed",
@@ -340,6 +389,7 @@ def _bulk_parser(sub: Any) -> None:
         action="store_true",
         help="validate every line and print the job ids; submit nothing",
     )
+    p.add_argument("--no-wait", dest="no_wait", action="store_true", help="enqueue everything, then exit")
     p.add_argument(
         "--timeout", type=float, metavar="S", help="stop following after S seconds (the jobs go on)"
     )
@@ -351,14 +401,30 @@ def _bulk_parser(sub: Any) -> None:
         metavar="S",
         help="seconds between state checks (default 0.2)",
     )
-    p.add_argument("--silent", action="store_true", help="no progress bar")
+    p.add_argument("--silent", action="store_true", help="no progress bar (errors still shown)")
     p.add_argument(
         "--sent-events",
         dest="sent_events",
         action="store_true",
-        help="also publish Celery's task-sent event per job, so Flower lists jobs while queued "
-        "(off by default: enqueue is ~2x slower and Flower's task list fills up)",
+        help="publish through Celery with its task-sent event per job, so Flower lists jobs while "
+        "queued (off by default: enqueue is several times slower and Flower's task list fills up)",
     )
+
+
+def _download_parser(sub: Any) -> None:
+    p = _parser(
+        sub,
+        "download",
+        cmd_download,
+        "fetch the images of a bulk report into a folder",
+        "Fetch every image of the succeeded lines of REPORT (written by sdqueue bulk --report)\n"
+        "into DIR as {job_id}_{index}.png. Resumable: files already there are skipped.",
+        "example:\n  sdqueue download report.jsonl out/\n\nexit codes: 0 all there, 1 some failed",
+    )
+    p.add_argument("report", help="a bulk report (JSONL, or CSV for *.csv)")
+    p.add_argument("dir", help="target folder (created if missing)")
+    p.add_argument("--workers", type=int, default=8, help="parallel fetches (default 8)")
+    p.add_argument("--silent", action="store_true", help="no progress bar")
 
 
 def _job_id_parsers(sub: Any) -> None:
@@ -439,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     _submit_parser(sub)
     _job_id_parsers(sub)
     _bulk_parser(sub)
+    _download_parser(sub)
     _other_parsers(sub)
     return parser
 

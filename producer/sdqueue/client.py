@@ -34,11 +34,11 @@ from sdqueue.errors import (
     JobValidationError,
     WaitTimeout,
 )
-from sdqueue.locations import ObjectRef, allowed_input, job_folder, manifest_ref
+from sdqueue.locations import ObjectRef, job_folder, manifest_ref
 from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, progress_key
+from sdqueue.policy import check_job
 from sdqueue.settings import Settings, get_settings
 from sdqueue.states import JobState, state_of
-from sdqueue.webhooks import check_webhook_url
 
 Job = Txt2ImgJob | Img2ImgJob
 Lane = Literal["interactive", "bulk"]
@@ -126,7 +126,7 @@ def publish_job(
     ``JobHandle.wait`` subscribes only when someone waits.
     """
     name = TASK_FOR_MODE[spec.mode]
-    payload = spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+    payload = spec.model_dump(mode="json", exclude_none=True)  # with its mode: the worker checks it
     message = app.amqp.create_task_message(
         job_id,
         name,
@@ -162,14 +162,11 @@ class SdQueue:
         self._storage: Any = None
 
     def validate(self, job: Job | dict[str, Any]) -> Job:
-        """Check a spec as the worker will (limits, input allow-list, output bucket)."""
-        spec = parse_job(job.model_dump(mode="json") if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else job)
-        if isinstance(spec, Img2ImgJob):
-            allowed_input(spec.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
-        if spec.output is not None and spec.output.bucket not in self.settings.allowed_output_buckets:
-            raise JobValidationError(f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket")
-        if spec.webhook_url is not None:
-            check_webhook_url(spec.webhook_url, self.settings.webhook_hosts)
+        """Check a spec as the worker will (limits, input allow-list, output bucket, webhook and
+        callback allow-lists). A model is already valid by construction: only the allow-lists are
+        applied to it; a dict is parsed first."""
+        spec = job if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else parse_job(job)
+        check_job(spec, self.settings)
         return spec
 
     def submit(self, job: Job | dict[str, Any], lane: Lane = "interactive") -> JobHandle:
@@ -229,10 +226,8 @@ class SdQueue:
         """A job's manifest, where its record (or the default output location) says it is."""
         output = (record or {}).get("output") or {}
         bucket = output.get("bucket", self.settings.output_bucket)
-        prefix = output.get("prefix", self.settings.output_prefix)
-        manifest: dict[str, Any] | None = self.storage.read_json(
-            manifest_ref(job_folder(bucket, prefix, job_id))
-        )
+        folder = job_folder(bucket, self.settings.output_prefix, output.get("prefix", ""), job_id)
+        manifest: dict[str, Any] | None = self.storage.read_json(manifest_ref(folder))
         return manifest
 
     def presigned_urls(self, result: JobResult, expires_s: int | None = None) -> list[str]:

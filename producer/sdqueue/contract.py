@@ -23,6 +23,9 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_PIXELS = 1024 * 1024 * 2
 MAX_IMAGES = 8
 MAX_SEED = 2**63 - 1
+MAX_DERIVED_SEED = 2**53 - 1
+"""Derived seeds fit in 53 bits: a JSON number any client (JavaScript's included) reads exactly."""
+MAX_ERROR_LINES = 8
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 SCHEDULERS = ("default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc")
 SchedulerName = Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"]
@@ -34,18 +37,19 @@ Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, strict=True
 
 
 class OutputLocation(BaseModel):
-    """Where a job's images and manifest go: ``s3://{bucket}/{prefix}/{job_id}/``."""
+    """Where a job's images and manifest go: ``s3://{bucket}/{SDQ_OUTPUT_PREFIX}/{prefix}/{job_id}/``."""
 
     model_config = ConfigDict(extra="forbid")
 
     bucket: str = Field(pattern=BUCKET_PATTERN)
-    prefix: str = Field(default="outputs", max_length=256, pattern=r"^[A-Za-z0-9._/-]*$")
+    prefix: str = Field(default="", max_length=256, pattern=r"^[A-Za-z0-9._/-]*$")
+    """A sub-folder of the worker's SDQ_OUTPUT_PREFIX (never outside it); empty: the prefix itself."""
 
     @model_validator(mode="after")
     def _clean_prefix(self) -> OutputLocation:
-        if ".." in self.prefix.split("/"):
-            raise ValueError("prefix must not contain '..' segments")
         self.prefix = self.prefix.strip("/")
+        if self.prefix and any(part in ("", ".", "..") for part in self.prefix.split("/")):
+            raise ValueError("prefix must not contain empty, '.' or '..' segments")
         return self
 
 
@@ -56,7 +60,7 @@ class _JobBase(BaseModel):
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     steps: int = Field(default=30, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE, strict=False)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE)
     width: Side = 512
     height: Side = 512
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
@@ -109,7 +113,7 @@ class Img2ImgJob(_JobBase):
 
     mode: Literal["img2img"] = "img2img"
     image_url: str = Field(min_length=6, max_length=2048)
-    strength: float = Field(default=0.6, gt=0.0, le=1.0, strict=False)
+    strength: float = Field(default=0.6, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check_effective_steps(self) -> Img2ImgJob:
@@ -145,7 +149,10 @@ def parse_job(payload: Any) -> Txt2ImgJob | Img2ImgJob:
     try:
         return _JOB_ADAPTER.validate_python(payload)
     except ValidationError as exc:
-        lines = [_describe(dict(err)) for err in exc.errors(include_url=False)]
+        errors = exc.errors(include_url=False, include_input=False)
+        lines = [_describe(dict(err))[:300] for err in errors[:MAX_ERROR_LINES]]
+        if len(errors) > MAX_ERROR_LINES:
+            lines.append(f"... and {len(errors) - MAX_ERROR_LINES} more problems")
         raise JobValidationError("invalid job: " + "; ".join(lines)) from None
 
 
@@ -157,8 +164,8 @@ def spec_fingerprint(job: Txt2ImgJob | Img2ImgJob) -> str:
 
 def derived_seed(job_id: str) -> int:
     """The seed a job gets when it names none: stable per job id, so a redelivered job
-    regenerates the same images."""
-    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_SEED
+    regenerates the same images; below 2**53, so JSON readers in any language keep it exact."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_DERIVED_SEED
 
 
 def job_json_schema() -> dict[str, Any]:

@@ -66,9 +66,16 @@ class Settings(BaseSettings):
 
     # --- completion notifications ------------------------------------------------------------
     webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Hosts (``host`` or ``host:port``) a job's webhook_url may point at; empty refuses all webhooks."""
+    """``host:port`` pairs a job's webhook_url may point at (a bare ``host`` means port 80/443);
+    empty refuses all webhooks; the broker's own address is always refused."""
+    callback_tasks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Task names a job's callback_task may name; empty refuses all callbacks."""
+    callback_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["celery"])
+    """Queues a job's callback_queue may name (a job without one uses ``celery``)."""
 
-    @field_validator("input_buckets", "output_buckets", "webhook_hosts", mode="before")
+    @field_validator(
+        "input_buckets", "output_buckets", "webhook_hosts", "callback_tasks", "callback_queues", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -39,14 +39,34 @@ def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def classify_error(exc: Exception, what: str, refused: type[Exception] = StorageRefused) -> Exception:
-    """Map a boto error to a permanent (``refused``) or transient sdqueue error."""
+PERMISSIONS = {"writing": "s3:PutObject", "reading": "s3:GetObject", "deleting": "s3:DeleteObject"}
+REFUSALS = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def refusal_hint(code: str, what: str, bucket: str) -> str:
+    """What to fix for a refusal: the missing bucket, or the permission the credentials lack."""
+    if not bucket:
+        return ""
+    if code == "NoSuchBucket":
+        return f"; bucket {bucket!r} does not exist: create it or fix SDQ_OUTPUT_BUCKET / output.bucket"
+    if code in REFUSALS:
+        permission = PERMISSIONS.get(what.split(" ", 1)[0], "access")
+        return f"; the worker's credentials need {permission} on bucket {bucket!r}"
+    return ""
+
+
+def classify_error(
+    exc: Exception, what: str, refused: type[Exception] = StorageRefused, bucket: str = ""
+) -> Exception:
+    """Map a boto error to a permanent (``refused``) or transient sdqueue error; a refusal names
+    the bucket and the missing permission when ``bucket`` is given."""
     if isinstance(exc, ClientError):
         code = error_code(exc)
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in RETRYABLE_CODES or status in RETRYABLE_CODES:
             return StorageUnavailable(f"{what}: storage answered {code or status}")
-        return refused(f"{what}: storage refused the request ({code or status})")
+        hint = refusal_hint(code or status, what, bucket)
+        return refused(f"{what}: storage refused the request ({code or status}){hint}")
     return StorageUnavailable(f"{what}: storage unreachable ({type(exc).__name__})")
 
 
@@ -92,7 +112,7 @@ class Storage:
         except ClientError as exc:
             if error_code(exc) in MISSING_CODES:
                 return None
-            raise classify_error(exc, f"reading {ref.url}") from None
+            raise classify_error(exc, f"reading {ref.url}", bucket=ref.bucket) from None
         except (BotoCoreError, BotoConnectionError) as exc:
             raise classify_error(exc, f"reading {ref.url}") from None
         manifest: dict[str, Any] = json.loads(body)

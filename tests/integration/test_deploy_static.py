@@ -898,7 +898,7 @@ def test_grafana_provisioning_parses() -> None:
     assert any(t.startswith(provider["options"]["path"] + "/") for t in targets)
     policy = json.loads((DOCKER / "minio" / "sdqueue-policy.json").read_text())
     actions = {a for statement in policy["Statement"] for a in statement["Action"]}
-    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
 def test_the_liveness_probe_command_works(tmp_path: Path) -> None:

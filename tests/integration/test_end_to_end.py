@@ -72,7 +72,7 @@ def test_same_seed_same_pixels_different_seed_different_pixels(queue: SdQueue, s
 
 def documented_seed(job_id: str) -> int:
     """The derivation as documented (docs/testing.md), written out here, not imported."""
-    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & (2**63 - 1)
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & (2**53 - 1)
 
 
 def test_seed_is_derived_from_the_job_id_when_absent(queue: SdQueue, s3) -> None:  # type: ignore[no-untyped-def]

@@ -100,13 +100,15 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str) -> Iterator[Stack]:
+def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str, receiver: Receiver) -> Iterator[Stack]:
     with own_stack(
         logdir,
         moto.url,
         tiny_model,
         "notify",
-        webhook_hosts="127.0.0.1,hooks.example.com",
+        webhook_hosts=f"127.0.0.1:{receiver.server.server_address[1]},hooks.example.com",
+        callback_tasks="webapp.job_done",
+        callback_queues=CALLBACK_QUEUE,
         webhook_secret=SECRET,
         webhook_backoff_s=0.4,
         webhook_max_attempts=5,

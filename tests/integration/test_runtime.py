@@ -21,12 +21,14 @@ from diffusers import AutoPipelineForImage2Image
 
 from sdqueue import Img2ImgJob, Txt2ImgJob
 from sdqueue.locations import ObjectRef
+from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.generation import run_batch
 from sdqueue_worker.jobs import JobContext, JobRunner
 from sdqueue_worker.runtime import Runtime, check_shared, load_runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
+from sdqueue_worker.work import parse_message
 from tests.helpers import png_bytes, smooth_image
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -87,7 +89,10 @@ def test_every_mode_calls_the_modules_loaded_once(runtime: Runtime, settings: Wo
         pipelines = {}
         for job in jobs:
             with module_calls() as calls:
-                result = runner.run(job, JobContext(job_id=f"rt-{uuid.uuid4().hex[:8]}", maybe_done=False))
+                payload = job.model_dump(mode="json", exclude={"mode"})
+                task = TXT2IMG_TASK if job.mode == "txt2img" else IMG2IMG_TASK
+                item = parse_message(task, f"rt-{uuid.uuid4().hex[:8]}", [], payload, None, settings)
+                result = runner.run(item, JobContext(maybe_done=False))
             manifest = runner.storage.read_json(ObjectRef(*result["manifest_url"][5:].split("/", 1)))
             assert manifest is not None
             called = {id(module) for module, _ in calls}

@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob, derived_seed, parse_job
-from sdqueue.errors import JobValidationError
-from sdqueue.locations import ObjectRef, allowed_input, job_folder
-from sdqueue.locations import manifest_ref as manifest_location
-from sdqueue.webhooks import check_webhook_url
+from sdqueue.contract import Img2ImgJob
+from sdqueue.errors import StorageRefused
+from sdqueue.locations import ObjectRef
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.generation import GenerationRequest, ProgressFn
 from sdqueue_worker.images import decode_input_image, encode_png, fit_to
@@ -28,16 +26,13 @@ from sdqueue_worker.metrics import observe_job
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
-
-Job = Txt2ImgJob | Img2ImgJob
+from sdqueue_worker.work import WorkItem
 
 
 @dataclass
 class JobContext:
-    """Per-delivery facts the task layer hands to the runner."""
+    """Per-delivery facts the task layer hands to the runner (the job itself is the WorkItem)."""
 
-    job_id: str
-    lane_rank: int = 0
     submitted_at: float | None = None
     on_progress: ProgressFn | None = None
     is_cancelled: Any = None
@@ -45,39 +40,6 @@ class JobContext:
     """Look for the job's manifest before generating (the task layer always does: a resubmit after
     the result TTL, a redelivery). False skips that S3 read; a duplicate then still meets the
     conditional manifest write."""
-
-
-def validate_payload(mode: str, payload: dict[str, Any], job_id: str, settings: WorkerSettings) -> Job:
-    """The worker-side check of the contract (a raw Celery client may bypass the producer)."""
-    if "mode" in payload and payload["mode"] != mode:
-        raise JobValidationError(f"mode: {payload['mode']!r} sent to the {mode} task")
-    job = parse_job({**payload, "mode": mode})
-    if job.job_id is not None and job.job_id != job_id:
-        raise JobValidationError(
-            f"job_id: {job.job_id!r} differs from the task id {job_id!r}; send them equal"
-        )
-    if job.output is not None and job.output.bucket not in settings.allowed_output_buckets:
-        raise JobValidationError(
-            f"output.bucket: {job.output.bucket!r} is not an allowed output bucket "
-            f"({', '.join(settings.allowed_output_buckets)})"
-        )
-    if isinstance(job, Img2ImgJob):
-        allowed_input(job.image_url, settings.s3_endpoint_url, settings.input_buckets)
-    if job.webhook_url is not None:
-        check_webhook_url(job.webhook_url, settings.webhook_hosts)
-    return job
-
-
-def job_seeds(job: Job, job_id: str) -> list[int]:
-    """Seed of each image: the job's seed (or one derived from its id) plus the image index."""
-    base = job.seed if job.seed is not None else derived_seed(job_id)
-    return [(base + index) % (2**63) for index in range(job.num_images)]
-
-
-def output_dir(job: Job, job_id: str, settings: WorkerSettings) -> ObjectRef:
-    bucket = job.output.bucket if job.output else settings.output_bucket
-    prefix = job.output.prefix if job.output else settings.output_prefix
-    return job_folder(bucket, prefix, job_id)
 
 
 class JobRunner:
@@ -97,23 +59,20 @@ class JobRunner:
         self.storage = storage
         self.hostname = hostname or socket.gethostname()
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+    def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
-        folder = output_dir(job, ctx.job_id, self.settings)
-        manifest_ref = manifest_location(folder)
-        existing = self.storage.read_json(manifest_ref) if ctx.maybe_done else None
+        existing = self.storage.read_json(item.manifest_ref) if ctx.maybe_done else None
         if existing is not None:
             return result_from_manifest(existing)
-        seeds = job_seeds(job, ctx.job_id)
         timings: dict[str, float] = {}
         with self.executor.preparing():
-            init_image, input_info = self._fetch_input(job, timings)
+            init_image, input_info = self._fetch_input(item, timings)
             request = self.executor.submit(
                 GenerationRequest(
-                    job=job,
-                    job_id=ctx.job_id,
-                    seeds=seeds,
-                    lane_rank=ctx.lane_rank,
+                    job=item.spec,
+                    job_id=item.job_id,
+                    seeds=list(item.seeds),
+                    lane_rank=item.lane_rank,
                     init_image=init_image,
                     deadline=time.monotonic() + self.settings.job_time_limit_s,
                     on_progress=ctx.on_progress,
@@ -124,43 +83,54 @@ class JobRunner:
         pixels: np.ndarray = request.future.result()
         timings["generate_s"] = time.perf_counter() - generate_started
         batch_size = request.batch_images
-        images = self._store_images(job, ctx.job_id, folder, seeds, pixels, timings)
+        images = self._store_images(item, pixels, timings)
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
         timings["total_s"] = time.time() - started
-        manifest = self._manifest(job, ctx.job_id, seeds, images, input_info, timings, request, manifest_ref)
-        if not self.storage.put_once(
-            manifest_ref, json.dumps(manifest, indent=1).encode(), "application/json", {"job-id": ctx.job_id}
-        ):
-            manifest = self.storage.read_json(manifest_ref) or manifest
-        observe_job(job.mode, timings, batch_size)
+        manifest = self._manifest(item, images, input_info, timings, batch_size, request.pipeline)
+        manifest = self.commit_manifest(item, manifest, images)
+        observe_job(item.mode, timings, batch_size)
         return result_from_manifest(manifest)
 
-    def _fetch_input(self, job: Job, timings: dict[str, float]) -> tuple[Any, dict[str, str] | None]:
-        if not isinstance(job, Img2ImgJob):
+    def commit_manifest(
+        self, item: WorkItem, manifest: dict[str, Any], images: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Write the manifest (the commit marker) once. A refused write (permanent) removes the job's
+        images, so no orphan stays; a transient fault leaves them for the retry to find."""
+        body = json.dumps(manifest, indent=1).encode()
+        try:
+            written = self.storage.put_once(
+                item.manifest_ref, body, "application/json", {"job-id": item.job_id}
+            )
+        except StorageRefused:
+            if self.storage.read_json_quietly(item.manifest_ref) is None:
+                self.storage.delete_quietly([ObjectRef(image["bucket"], image["key"]) for image in images])
+            raise
+        if not written:
+            return self.storage.read_json(item.manifest_ref) or manifest
+        return manifest
+
+    def _fetch_input(self, item: WorkItem, timings: dict[str, float]) -> tuple[Any, dict[str, str] | None]:
+        spec, ref = item.spec, item.input_ref
+        if not isinstance(spec, Img2ImgJob) or ref is None:
             return None, None
         began = time.perf_counter()
-        ref = allowed_input(job.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
         data, etag = self.storage.read_input(ref)
-        image = fit_to(decode_input_image(data, self.settings.max_input_pixels), job.width, job.height)
+        decoded = decode_input_image(data, self.settings.max_input_pixels, self.settings.max_jpeg_scans)
+        image = fit_to(decoded, spec.width, spec.height)
         timings["input_fetch_s"] = time.perf_counter() - began
         return image, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _store_images(
-        self,
-        job: Job,
-        job_id: str,
-        folder: ObjectRef,
-        seeds: list[int],
-        pixels: np.ndarray,
-        timings: dict[str, float],
+        self, item: WorkItem, pixels: np.ndarray, timings: dict[str, float]
     ) -> list[dict[str, Any]]:
         began = time.perf_counter()
         images = []
-        for index, (seed, image) in enumerate(zip(seeds, pixels, strict=False)):
+        job, folder = item.spec, item.folder
+        for index, (seed, image) in enumerate(zip(item.seeds, pixels, strict=False)):
             ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.png")
             body = encode_png(image, self.settings.png_compress_level)
-            self.storage.put_once(ref, body, "image/png", {"job-id": job_id, "seed": str(seed)})
+            self.storage.put_once(ref, body, "image/png", {"job-id": item.job_id, "seed": str(seed)})
             images.append(
                 {
                     "index": index,
@@ -178,30 +148,29 @@ class JobRunner:
 
     def _manifest(
         self,
-        job: Job,
-        job_id: str,
-        seeds: list[int],
+        item: WorkItem,
         images: list[dict[str, Any]],
         input_info: dict[str, str] | None,
         timings: dict[str, float],
-        ran: GenerationRequest,
-        manifest_ref: ObjectRef,
+        batch_size: int,
+        pipeline: str,
     ) -> dict[str, Any]:
         runtime = self.runtime
+        job = item.spec
         return {
-            "job_id": job_id,
+            "job_id": item.job_id,
             "mode": job.mode,
             "spec": job.model_dump(mode="json"),
-            "seeds": seeds,
+            "seeds": list(item.seeds),
             "images": images,
             "input": input_info,
-            "manifest_url": manifest_ref.url,
+            "manifest_url": item.manifest_ref.url,
             "model": {
                 "id": runtime.model_id,
                 "revision": self.settings.model_revision,
                 "dtype": str(runtime.dtype).removeprefix("torch."),
                 "device": runtime.device.type,
-                "pipeline": ran.pipeline,  # what run_batch called, not a lookup beside it
+                "pipeline": pipeline,  # what run_batch called, not a lookup beside it
                 "scheduler": type(runtime.schedulers[job.scheduler]).__name__,
             },
             "versions": runtime.versions,
@@ -210,7 +179,7 @@ class JobRunner:
                 "hostname": self.hostname,
                 "pid": os.getpid(),
                 "model_load_count": runtime.load_count,
-                "batch_images": ran.batch_images,
+                "batch_images": batch_size,
                 "thread": threading.current_thread().name,
             },
             "created_at": time.time(),

@@ -212,8 +212,6 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
         "-A",
         "sdqueue_worker.app",
         "worker",
-        "--pool",
-        "threads",
         "--concurrency",
         str(slots),
         "--prefetch-multiplier",

@@ -20,6 +20,9 @@ class WorkerSettings(Settings):
 
     # --- input images and output encoding ------------------------------------------------------
     max_input_pixels: int = 4096 * 4096
+    max_jpeg_scans: int = Field(default=64, ge=1)
+    """Progressive JPEGs with more scans are refused before decoding (each scan decodes the whole
+    image again: 60,000 scans took 28 s); ordinary encoders write about 10."""
     png_compress_level: int = Field(default=1, ge=0, le=9)
 
     # --- model -----------------------------------------------------------------------------
@@ -53,6 +56,10 @@ class WorkerSettings(Settings):
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=30.0, gt=0)
     progress_interval_s: float = Field(default=0.25, ge=0)
+    accept_volatile_broker: bool = False
+    """Start even when Redis keeps nothing on disk (queued jobs and results die with a restart)."""
+    result_tracebacks: bool = False
+    """Store server tracebacks in failed results (debugging only; clients see messages otherwise)."""
     heartbeat_file: str | None = None
     ready_file: str | None = None
     metrics_port: int | None = None

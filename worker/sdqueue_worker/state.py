@@ -13,6 +13,7 @@ from celery import Celery
 from sdqueue.errors import StartupError
 from sdqueue.names import model_loads_key
 from sdqueue_worker.accel import optimise, use_compile, warm_up
+from sdqueue_worker.checks import check_startup
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.generation import run_batch
 from sdqueue_worker.jobs import JobRunner
@@ -55,13 +56,17 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
 
 
 def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = None) -> WorkerState:
-    """Load the model (once per process), start the GPU thread and the progress pump.
+    """Check the broker, storage and files, load the model (once per process), start the GPU
+    thread and the progress pump.
 
     ``app`` is the worker's Celery app, which progress is published through (None: Redis only).
     """
     global _STATE
     if _STATE is not None:
         return _STATE
+    storage = WorkerStorage(settings)
+    client = redis_client(settings)
+    check_startup(settings, client, storage, hostname)
     runtime = load_runtime(settings)
     executor = GpuExecutor(
         functools.partial(run_batch, runtime),
@@ -73,8 +78,6 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
         hard_limit_s=settings.job_time_limit_s + settings.hard_limit_grace_s,
     )
     executor.start()
-    storage = WorkerStorage(settings)
-    client = redis_client(settings)
     client.incr(model_loads_key(hostname))
     publisher = ProgressPublisher(app, hostname) if app is not None else None
     _STATE = WorkerState(
