@@ -43,7 +43,10 @@ def test_messages_name_the_field_without_the_mode_and_join_problems() -> None:
         {**GOOD, "output": {"bucket": "Bad_Bucket"}}
     )
     nested = refusal({**GOOD, "output": {"bucket": "sdqueue", "prefix": "a/../b"}})
-    assert "output: prefix must not contain empty, '.' or '..' segments" in nested and "Value error" not in nested
+    assert (
+        "output: prefix must not contain empty, '.' or '..' segments" in nested
+        and "Value error" not in nested
+    )
 
 
 def test_pixel_limit_is_the_product() -> None:
