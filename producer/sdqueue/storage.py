@@ -1,4 +1,5 @@
-"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs.
+"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs,
+input uploads.
 
 The worker's side (input download with limits, conditional writes) is
 ``sdqueue_worker.storage``.
@@ -10,16 +11,21 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
+from sdqueue.errors import StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.settings import Settings
 
 
-def make_s3_client(settings: Settings) -> Any:
-    """A boto3 S3 client for the configured endpoint, with short timeouts and standard retries."""
-    kwargs: dict[str, Any] = {"region_name": settings.s3_region}
-    if settings.s3_endpoint_url:
-        kwargs["endpoint_url"] = settings.s3_endpoint_url
+def make_s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client for the configured endpoint (or ``endpoint_url``), with short timeouts and
+    standard retries. The region is botocore's own (environment, profile) unless SDQ_S3_REGION is set."""
+    kwargs: dict[str, Any] = {}
+    if settings.s3_region:
+        kwargs["region_name"] = settings.s3_region
+    if endpoint_url or settings.s3_endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url or settings.s3_endpoint_url
     if settings.s3_access_key_id and settings.s3_secret_access_key:
         kwargs["aws_access_key_id"] = settings.s3_access_key_id.get_secret_value()
         kwargs["aws_secret_access_key"] = settings.s3_secret_access_key.get_secret_value()
@@ -40,12 +46,36 @@ class Storage:
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         self.settings = settings
         self.client = client or make_s3_client(settings)
+        self._presigner: Any = None
+
+    @property
+    def presigner(self) -> Any:
+        """The client that signs URLs: on the public endpoint when one is set (signing is local)."""
+        if self._presigner is None:
+            public = self.settings.s3_public_endpoint_url
+            self._presigner = make_s3_client(self.settings, public) if public else self.client
+        return self._presigner
 
     def presign(self, ref: ObjectRef, expires_s: int | None = None) -> str:
         """A presigned GET URL for an object."""
-        url: str = self.client.generate_presigned_url(
+        url: str = self.presigner.generate_presigned_url(
             "get_object",
             Params={"Bucket": ref.bucket, "Key": ref.key},
             ExpiresIn=expires_s or self.settings.presign_expires_s,
         )
         return url
+
+    def put(self, ref: ObjectRef, data: bytes, content_type: str) -> None:
+        """Write one object; StorageUnavailable when the store cannot be reached or refuses."""
+        try:
+            self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"could not write {ref.url}: {exc}") from None
+
+    def get(self, ref: ObjectRef) -> bytes:
+        """Read one object (used for results, which the worker wrote)."""
+        try:
+            body: bytes = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(f"could not read {ref.url}: {exc}") from None
+        return body

@@ -18,8 +18,7 @@ from sdqueue.settings import Settings
 class WorkerSettings(Settings):
     """Every knob of the GPU worker. Field names map to ``SDQ_<NAME>`` environment variables."""
 
-    # --- input images and output encoding ------------------------------------------------------
-    max_input_pixels: int = 4096 * 4096
+    # --- output encoding (the input limits are shared with the client: Settings) -----------------
     png_compress_level: int = Field(default=1, ge=0, le=9)
 
     # --- model -----------------------------------------------------------------------------
