@@ -57,6 +57,7 @@ class Context:
     def __init__(self, settings: ServerSettings, queue: SdQueue | None = None) -> None:
         self.settings = settings
         self.queue = queue or SdQueue(settings)
+        self.queue.celery.conf.task_send_sent_event = settings.sent_events
         self.keys = load_keys(
             settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file
         )
@@ -135,15 +136,18 @@ class Context:
                 code="rate_limit_exceeded",
             )
 
-    def acquire(self, tenant: Tenant, job_id: str, now: float) -> None:
-        refusal = self.quotas.acquire(tenant.name, job_id, tenant.max_concurrent, now)
+    def admit(self, tenant: Tenant, job_id: str, now: float, charge: bool) -> None:
+        """Rate limit (when ``charge``) and concurrency quota in one Redis round trip; 429 with Retry-After."""
+        rate = (tenant.rate_per_minute, tenant.rate_burst) if charge else None
+        refusal = self.quotas.admit(tenant.name, job_id, tenant.max_concurrent, now, rate)
         if refusal:
+            code = "rate_limit_exceeded" if refusal.message.startswith("rate") else "concurrency_quota_exceeded"
             raise ApiError(
                 429, refusal.message, "rate_limit_error", headers={"Retry-After": str(refusal.retry_after_s)},
-                code="concurrency_quota_exceeded",
+                code=code,
             )
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:
     ctx: Context = request.app.state.ctx
     return ctx

@@ -10,8 +10,9 @@ import redis
 
 from sdqueue.names import KEY_PREFIX, cancel_key
 
-# KEYS[1] bucket hash; ARGV: refill per ms, burst. Returns {allowed, ms until one token}.
-_RATE = """
+# Token bucket. KEYS[1] the bucket hash; ARGV[1] refill per ms, ARGV[2] burst.
+# Returns {allowed, ms until one token}.
+_RATE_BODY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -22,33 +23,37 @@ local allowed = 0
 if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
 redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
-if allowed == 1 then return {1, 0} end
-return {0, math.ceil((1 - tokens) / rate)}
+if allowed == 0 then return {0, math.ceil((1 - tokens) / rate)} end
 """
 
-# KEYS[1] the tenant's in-flight zset; ARGV: job id, limit, now (s), max age (s), cancel key prefix.
-# Finished jobs are pruned only when the cap is reached, so a submit under the cap is O(log n).
-# The result keys are Celery's (celery-task-meta-<id>): read here, never written.
-_ACQUIRE = """
-local set, id, limit, now, age = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('ZSCORE', set, id) then return 1 end
+# Concurrency cap. KEYS[2] the tenant's in-flight zset; ARGV[3] job id, ARGV[4] limit, ARGV[5] now (s),
+# ARGV[6] max age (s), ARGV[7] cancel key prefix. Finished jobs are pruned only when the cap is
+# reached, so a submit under the cap is O(log n). The result keys are Celery's
+# (celery-task-meta-<id>): read here, never written. Returns {1, 0} admitted or {2, 0} over the cap.
+_ACQUIRE_BODY = """
+local set, id, limit, now, age = KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('ZSCORE', set, id) then return {1, 0} end
 if redis.call('ZCARD', set) >= limit then
   redis.call('ZREMRANGEBYSCORE', set, '-inf', now - age)
   for _, member in ipairs(redis.call('ZRANGE', set, 0, -1)) do
     local meta = redis.call('GET', 'celery-task-meta-' .. member)
-    local done = redis.call('EXISTS', ARGV[5] .. member) == 1
+    local done = redis.call('EXISTS', ARGV[7] .. member) == 1
     if meta and not done then
       local status = cjson.decode(meta)['status']
       done = status == 'SUCCESS' or status == 'FAILURE' or status == 'REVOKED'
     end
     if done then redis.call('ZREM', set, member) end
   end
-  if redis.call('ZCARD', set) >= limit then return 0 end
+  if redis.call('ZCARD', set) >= limit then return {2, 0} end
 end
 redis.call('ZADD', set, now, id)
 redis.call('EXPIRE', set, age)
-return 1
+return {1, 0}
 """
+
+# One round trip per submit: the rate limit (ARGV[8] == '1': charge a token), then the cap.
+_ADMIT = "if ARGV[8] == '1' then " + _RATE_BODY + " end " + _ACQUIRE_BODY
+_RATE = _RATE_BODY + " return {1, 0}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,10 @@ def active_key(tenant: str) -> str:
     return f"{KEY_PREFIX}tenant:{tenant}:active"
 
 
+def rate_key(tenant: str) -> str:
+    return f"{KEY_PREFIX}tenant:{tenant}:rate"
+
+
 class Quotas:
     """The two checks, against one Redis."""
 
@@ -70,23 +79,32 @@ class Quotas:
         self.client = client
         self.max_age_s = max_age_s
         self._rate = client.register_script(_RATE)
-        self._acquire = client.register_script(_ACQUIRE)
+        self._admit = client.register_script(_ADMIT)
 
-    def take_token(self, tenant: str, per_minute: int, burst: int) -> Refusal | None:
-        allowed, wait_ms = self._rate(keys=[f"{KEY_PREFIX}tenant:{tenant}:rate"], args=[per_minute / 60000, burst])
-        if allowed:
-            return None
+    @staticmethod
+    def _rate_refusal(per_minute: int, burst: int, wait_ms: int) -> Refusal:
         return Refusal(
             f"rate limit: this key may submit {per_minute} requests a minute (bursts of {burst}); "
             "retry after the Retry-After seconds",
             max(1, math.ceil(int(wait_ms) / 1000)),
         )
 
-    def acquire(self, tenant: str, job_id: str, limit: int, now: float) -> Refusal | None:
-        """Count ``job_id`` against the tenant's cap (idempotent: a counted job counts once)."""
-        args = [job_id, limit, int(now), self.max_age_s, cancel_key("")]
-        if self._acquire(keys=[active_key(tenant)], args=args):
+    def take_token(self, tenant: str, per_minute: int, burst: int) -> Refusal | None:
+        allowed, wait_ms = self._rate(keys=[rate_key(tenant)], args=[per_minute / 60000, burst])
+        return None if allowed else self._rate_refusal(per_minute, burst, wait_ms)
+
+    def admit(
+        self, tenant: str, job_id: str, limit: int, now: float, rate: tuple[int, int] | None
+    ) -> Refusal | None:
+        """Charge a token (``rate`` = per minute, burst; None: no charge) and count ``job_id`` against
+        the tenant's cap (idempotent: a counted job counts once), in one script."""
+        per_minute, burst = rate or (1, 1)
+        args = [per_minute / 60000, burst, job_id, limit, int(now), self.max_age_s, cancel_key(""), int(bool(rate))]
+        verdict, wait_ms = self._admit(keys=[rate_key(tenant), active_key(tenant)], args=args)
+        if verdict == 1:
             return None
+        if verdict == 0:
+            return self._rate_refusal(per_minute, burst, wait_ms)
         return Refusal(
             f"concurrency quota: this key may have {limit} jobs queued or running at once; "
             "wait for one to finish or cancel one",

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, File, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from sdqueue.client import Job
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob
@@ -28,8 +28,9 @@ LaneParam = Annotated[
 ]
 
 
-def tenant(request: Request) -> Tenant:
-    return context(request).authenticate(request)
+async def tenant(request: Request) -> Tenant:
+    ctx: Context = request.app.state.ctx
+    return ctx.authenticate(request)
 
 
 Caller = Annotated[Tenant, Depends(tenant)]
@@ -48,12 +49,10 @@ def submit_job(
             param="callback_task",
         )
     job_id = who.job_id(idempotency_key or spec.job_id)
-    spec = ctx.queue.validate(spec.model_copy(update={"job_id": job_id}))
+    spec = spec.model_copy(update={"job_id": job_id})  # the contract's checks run once, in submit
     if isinstance(spec, Img2ImgJob):
         ctx.check_input(who, spec.image_url)
-    if charge:
-        ctx.take_token(who)
-    ctx.acquire(who, job_id, time.time())
+    ctx.admit(who, job_id, time.time(), charge)
     try:
         ctx.queue.submit(spec, lane=lane)  # type: ignore[arg-type]
     except Exception:
@@ -72,19 +71,20 @@ def create_job(
         str | None,
         Header(description="Your key for this job: the same key twice gives one job (scoped to your API key)"),
     ] = None,
-) -> JobCreated:
+) -> JSONResponse:
     """Validate a job against the contract and enqueue it; returns at once.
 
     Refusals name the field (the contract's own messages). The job id is ``{key name}.{Idempotency-Key}``
     (or a random suffix): the same header twice gives one job, and two keys never collide."""
     job_id, chosen = submit_job(ctx, who, job, lane, idempotency_key)
-    return JobCreated(
-        job_id=job_id,
-        state="queued",
-        lane=chosen,  # type: ignore[arg-type]
-        status_url=f"/v1/jobs/{job_id}",
-        events_url=f"/v1/jobs/{job_id}/events",
-    )
+    body = {
+        "job_id": job_id,
+        "state": "queued",
+        "lane": chosen,
+        "status_url": f"/v1/jobs/{job_id}",
+        "events_url": f"/v1/jobs/{job_id}/events",
+    }
+    return JSONResponse(body, status_code=202)  # already the JobCreated shape: no second validation
 
 
 @router.get("/jobs/{job_id}", response_model=JobStatus, summary="State, progress, queue position, result")
