@@ -99,8 +99,12 @@ def direct_rate(settings: Settings, n: int, threads: int) -> dict[str, Any]:
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: queue.submit({**JOB, "job_id": f"rate-{i}-{os.urandom(4).hex()}"}), range(n)))
     elapsed = time.perf_counter() - started
-    return {"submits": n, "threads": threads, "submits_per_s": round(n / elapsed, 1),
-            "cpu_us_per_submit": round((time.process_time() - cpu) / n * 1e6, 1)}
+    return {
+        "submits": n,
+        "threads": threads,
+        "submits_per_s": round(n / elapsed, 1),
+        "cpu_us_per_submit": round((time.process_time() - cpu) / n * 1e6, 1),
+    }
 
 
 async def _connection(port: int, request: bytes, counter: dict[str, int], total: int, stop_at: float) -> None:
@@ -126,10 +130,17 @@ async def load(port: int, total: int, connections: int, max_s: float) -> dict[st
     ).encode() + body
     counter = {"sent": 0, "ok": 0, "other": 0}
     started = time.monotonic()
-    await asyncio.gather(*(_connection(port, request, counter, total, started + max_s) for _ in range(connections)))
+    await asyncio.gather(
+        *(_connection(port, request, counter, total, started + max_s) for _ in range(connections))
+    )
     elapsed = time.monotonic() - started
-    return {"submits": counter["ok"], "refused": counter["other"], "seconds": round(elapsed, 3),
-            "submits_per_s": round(counter["ok"] / elapsed, 1), "connections": connections}
+    return {
+        "submits": counter["ok"],
+        "refused": counter["other"],
+        "seconds": round(elapsed, 3),
+        "submits_per_s": round(counter["ok"] / elapsed, 1),
+        "connections": connections,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -139,7 +150,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--latency-jobs", type=int, default=1000)
     parser.add_argument("--load-jobs", type=int, default=6000)
     parser.add_argument("--connections", type=int, default=16)
@@ -149,8 +162,15 @@ def main() -> None:
     load_before = os.getloadavg()
     logdir = Path(tempfile.mkdtemp(prefix="sdq-bench-server-"))
     redis = RedisServer(logdir).start()
-    env = stack_env(redis.url, "http://127.0.0.1:9", ".cache/tiny-sd", api_keys=f"bench:{hash_key(KEY)}",
-                    rate_per_minute=10**9, rate_burst=10**6, max_concurrent=10**6)
+    env = stack_env(
+        redis.url,
+        "http://127.0.0.1:9",
+        ".cache/tiny-sd",
+        api_keys=f"bench:{hash_key(KEY)}",
+        rate_per_minute=10**9,
+        rate_burst=10**6,
+        max_concurrent=10**6,
+    )
     server = ServerProcess(logdir, env).start()
     try:
         settings = Settings(redis_url=redis.url, s3_endpoint_url="http://127.0.0.1:9")
@@ -166,9 +186,13 @@ def main() -> None:
         redis.stop()
     result = {
         "what": "POST /v1/jobs through one sdqueue serve process vs SdQueue.submit, loopback, no worker",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "latency_direct": summary_ms(direct),
         "latency_http": summary_ms(via_http),
         "added_p50_ms": round((percentile(via_http, 0.5) - percentile(direct, 0.5)) * 1000, 3),

@@ -13,7 +13,9 @@ from devstack.services import Service, free_port, wait_for
 class ServerProcess(Service):
     """The HTTP front door started through the real command line."""
 
-    def __init__(self, logdir: Path, env: dict[str, str], name: str = "server", port: int | None = None) -> None:
+    def __init__(
+        self, logdir: Path, env: dict[str, str], name: str = "server", port: int | None = None
+    ) -> None:
         super().__init__(name, logdir)
         self.env = dict(env)
         self.port = port or free_port()

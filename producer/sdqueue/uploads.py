@@ -44,7 +44,9 @@ class InputImage:
 
 def check_size(size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise InputImageError(f"input image: {size} bytes is over the {max_bytes}-byte limit; send a smaller file")
+        raise InputImageError(
+            f"input image: {size} bytes is over the {max_bytes}-byte limit; send a smaller file"
+        )
     if size == 0:
         raise InputImageError("input image: the file is empty")
 
@@ -64,7 +66,9 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
                 "input image: not a PNG, JPEG or WebP file (other formats are not accepted)"
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputImageError(f"input image: more than {max_pixels} pixels; send a smaller image") from None
+            raise InputImageError(
+                f"input image: more than {max_pixels} pixels; send a smaller image"
+            ) from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise InputImageError(f"input image: truncated or corrupt ({exc}); upload it again") from None
     width, height = image.size

@@ -25,8 +25,15 @@ from tests.helpers import ROOT, own_stack, png_bytes, smooth_image
 
 KEYS = {"alice": "sdq_alice_secret", "bob": "sdq_bob_secret", "carol": "sdq_carol_secret"}
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (make browser); never playwright's own download
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = ROOT / "test-artifacts"
 JOB = {"mode": "txt2img", "prompt": "a red fox", "width": 64, "height": 64, "steps": 3}
 
@@ -43,11 +50,15 @@ def _client(server: ServerProcess, tenant: str | None) -> httpx.Client:
 
 
 @pytest.fixture(scope="module")
-def server(logdir: Path, env: dict[str, str], worker: WorkerProcess, moto: MotoServer) -> Iterator[ServerProcess]:
+def server(
+    logdir: Path, env: dict[str, str], worker: WorkerProcess, moto: MotoServer
+) -> Iterator[ServerProcess]:
     """Keys for alice and bob, carol bound to the bulk lane; presigned URLs on a 'public' host name."""
     keys = _key_file(logdir / "keys.json", {"carol": {"lane": "bulk"}})
     public = moto.url.replace("127.0.0.1", "localhost")
-    process = ServerProcess(logdir, {**env, "SDQ_API_KEYS_FILE": str(keys), "SDQ_S3_PUBLIC_ENDPOINT_URL": public})
+    process = ServerProcess(
+        logdir, {**env, "SDQ_API_KEYS_FILE": str(keys), "SDQ_S3_PUBLIC_ENDPOINT_URL": public}
+    )
     process.start()
     yield process
     process.stop()
@@ -57,9 +68,13 @@ def server(logdir: Path, env: dict[str, str], worker: WorkerProcess, moto: MotoS
 def idle(logdir: Path, moto: MotoServer, tiny_model: str) -> Iterator[ServerProcess]:
     """A server on a Redis without a worker: jobs stay queued (quotas, bad input, schemathesis)."""
     limits = {"alice": {"max_concurrent": 2, "rate_per_minute": 60000}, "bob": {"rate_per_minute": 6}}
-    with own_stack(logdir, moto.url, tiny_model, "idle", with_worker=False, rate_burst=3, sync_timeout_s=1) as st:
+    with own_stack(
+        logdir, moto.url, tiny_model, "idle", with_worker=False, rate_burst=3, sync_timeout_s=1
+    ) as st:
         keys = _key_file(logdir / "idle-keys.json", limits)
-        process = ServerProcess(logdir, {**st.env, "SDQ_API_KEYS_FILE": str(keys)}, name="idle-server").start()
+        process = ServerProcess(
+            logdir, {**st.env, "SDQ_API_KEYS_FILE": str(keys)}, name="idle-server"
+        ).start()
         try:
             yield process
         finally:
@@ -126,9 +141,9 @@ def test_two_tenants_are_isolated(server: ServerProcess) -> None:
     unknown = bob.get("/v1/jobs/alice.never-submitted")
     for response in (bob.get(f"/v1/jobs/{a}"), bob.delete(f"/v1/jobs/{a}"), bob.get(f"/v1/jobs/{a}/events")):
         assert response.status_code == 404
-        assert response.json()["error"]["message"].replace(a, "ID") == unknown.json()["error"]["message"].replace(
-            "alice.never-submitted", "ID"
-        )
+        assert response.json()["error"]["message"].replace(a, "ID") == unknown.json()["error"][
+            "message"
+        ].replace("alice.never-submitted", "ID")
     assert alice.get(f"/v1/jobs/{a}").status_code == 200
 
 
@@ -145,21 +160,36 @@ def test_keys_and_lanes(server: ServerProcess) -> None:
 def test_openai_sdk(server: ServerProcess) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEYS["alice"], max_retries=0, timeout=120)
     generated = client.images.generate(
-        prompt="a lighthouse", n=2, size="64x64", response_format="b64_json", extra_body={"steps": 2, "seed": 5}
+        prompt="a lighthouse",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"steps": 2, "seed": 5},
     )
     assert generated.data is not None and len(generated.data) == 2
     images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json or ""))) for d in generated.data]
     assert all(i.size == (64, 64) and i.format == "PNG" for i in images)
-    by_url = client.images.generate(prompt="a lighthouse", size="64x64", model="sdqueue", extra_body={"steps": 2})
+    by_url = client.images.generate(
+        prompt="a lighthouse", size="64x64", model="sdqueue", extra_body={"steps": 2}
+    )
     assert by_url.data and httpx.get(by_url.data[0].url or "", timeout=30).status_code == 200
     edited = client.images.edit(
-        image=("in.png", png_bytes(smooth_image(4)), "image/png"), prompt="in snow", size="64x64",
-        response_format="b64_json", extra_body={"steps": 4},
+        image=("in.png", png_bytes(smooth_image(4)), "image/png"),
+        prompt="in snow",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"steps": 4},
     )
-    assert edited.data and Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json or ""))).size == (64, 64)
+    assert edited.data and Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json or ""))).size == (
+        64,
+        64,
+    )
     with pytest.raises(openai.BadRequestError) as mask:
-        client.images.edit(image=("in.png", png_bytes(smooth_image(4)), "image/png"), prompt="x",
-                           mask=("m.png", png_bytes(smooth_image(5)), "image/png"))
+        client.images.edit(
+            image=("in.png", png_bytes(smooth_image(4)), "image/png"),
+            prompt="x",
+            mask=("m.png", png_bytes(smooth_image(5)), "image/png"),
+        )
     assert "mask" in str(mask.value) and "inpainting" in str(mask.value)
     with pytest.raises(openai.BadRequestError) as size:
         client.images.generate(prompt="x", size="65x64")
@@ -191,14 +221,20 @@ def _bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _declare_huge_upload(port: int) -> bytes:
     """Announce a 50 MB body and send none of it: the answer must come from the headers alone."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEYS["alice"].encode()
+            b"POST /v1/uploads HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEYS["alice"].encode()
             + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 52428800\r\n\r\n"
         )
         return sock.recv(4096)
@@ -238,8 +274,12 @@ def test_try_it_page_in_chromium(server: ServerProcess, tmp_path: Path) -> None:
             page.select_option("#size", "64x64")
             page.fill("#steps", "40")
             page.click("#go")
-            page.wait_for_function("document.getElementById('state').textContent === 'succeeded'", timeout=120_000)
-            page.wait_for_function("document.querySelector('#result img')?.naturalWidth === 64", timeout=30_000)
+            page.wait_for_function(
+                "document.getElementById('state').textContent === 'succeeded'", timeout=120_000
+            )
+            page.wait_for_function(
+                "document.querySelector('#result img')?.naturalWidth === 64", timeout=30_000
+            )
             assert page.evaluate("document.getElementById('bar').value") == 1
             page.screenshot(path=str(shot), full_page=True)
         finally:

@@ -32,7 +32,12 @@ def api(logdir: Path, moto: MotoServer, tiny_model: str) -> Iterator[ServerProce
     with own_stack(logdir, moto.url, tiny_model, "schema", with_worker=False, sync_timeout_s=1) as st:
         keys = logdir / "schema-keys.json"
         keys.write_text(json.dumps([{"name": "fuzz", "sha256": hash_key(KEY), "rate_per_minute": 100000}]))
-        env = {**st.env, "SDQ_API_KEYS_FILE": str(keys), "SDQ_RATE_BURST": "1000", "SDQ_MAX_CONCURRENT": "100000"}
+        env = {
+            **st.env,
+            "SDQ_API_KEYS_FILE": str(keys),
+            "SDQ_RATE_BURST": "1000",
+            "SDQ_MAX_CONCURRENT": "100000",
+        }
         process = ServerProcess(logdir, env, name="schema-server").start()
         try:
             yield process
@@ -56,7 +61,9 @@ def test_openapi_document_holds(api: ServerProcess) -> None:
         @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
         def run(case: schemathesis.Case) -> None:
             response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-            if response.status_code == 504:  # no worker here: a well-formed OpenAI request waits and times out
+            if (
+                response.status_code == 504
+            ):  # no worker here: a well-formed OpenAI request waits and times out
                 assert response.json()["error"]["code"] == "timeout"
                 case.validate_response(response, checks=CHECKS[1:])
             else:

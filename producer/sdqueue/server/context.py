@@ -96,8 +96,11 @@ class Context:
         key = self.keys.get(hash_key(secret))
         if key is None:
             raise ApiError(
-                401, "authentication: this API key is not known", "authentication_error",
-                headers=challenge, code="invalid_api_key",
+                401,
+                "authentication: this API key is not known",
+                "authentication_error",
+                headers=challenge,
+                code="invalid_api_key",
             )
         return self.tenant_for(key)
 
@@ -123,8 +126,11 @@ class Context:
     def lane_for(self, tenant: Tenant, lane: str | None) -> str:
         if tenant.lane and lane not in (None, tenant.lane):
             raise ApiError(
-                403, f"lane: this API key may submit to the {tenant.lane!r} lane only", "permission_error",
-                param="lane", code="lane_not_allowed",
+                403,
+                f"lane: this API key may submit to the {tenant.lane!r} lane only",
+                "permission_error",
+                param="lane",
+                code="lane_not_allowed",
             )
         return lane or tenant.lane or "interactive"
 
@@ -132,7 +138,10 @@ class Context:
         refusal = self.quotas.take_token(tenant.name, tenant.rate_per_minute, tenant.rate_burst)
         if refusal:
             raise ApiError(
-                429, refusal.message, "rate_limit_error", headers={"Retry-After": str(refusal.retry_after_s)},
+                429,
+                refusal.message,
+                "rate_limit_error",
+                headers={"Retry-After": str(refusal.retry_after_s)},
                 code="rate_limit_exceeded",
             )
 
@@ -141,9 +150,14 @@ class Context:
         rate = (tenant.rate_per_minute, tenant.rate_burst) if charge else None
         refusal = self.quotas.admit(tenant.name, job_id, tenant.max_concurrent, now, rate)
         if refusal:
-            code = "rate_limit_exceeded" if refusal.message.startswith("rate") else "concurrency_quota_exceeded"
+            code = (
+                "rate_limit_exceeded" if refusal.message.startswith("rate") else "concurrency_quota_exceeded"
+            )
             raise ApiError(
-                429, refusal.message, "rate_limit_error", headers={"Retry-After": str(refusal.retry_after_s)},
+                429,
+                refusal.message,
+                "rate_limit_error",
+                headers={"Retry-After": str(refusal.retry_after_s)},
                 code=code,
             )
 

@@ -79,7 +79,9 @@ def install_handlers(app: FastAPI) -> None:
         errors = [{**dict(e), "loc": _where(tuple(e.get("loc", ())))} for e in exc.errors()]
         lines = describe_errors(errors)
         message = "invalid request: " + "; ".join(lines)
-        return _respond(ApiError(_validation_status(request), message, param=field_of(lines[0]) if lines else None))
+        return _respond(
+            ApiError(_validation_status(request), message, param=field_of(lines[0]) if lines else None)
+        )
 
     @app.exception_handler(JobValidationError)
     async def _job(request: Request, exc: JobValidationError) -> JSONResponse:

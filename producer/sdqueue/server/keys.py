@@ -46,7 +46,9 @@ def new_key_line(name: str, lane: str | None = None) -> tuple[str, str]:
 
 def _check(key: ApiKey) -> ApiKey:
     if not TENANT_PATTERN.fullmatch(key.name) or key.name == ANONYMOUS:
-        raise KeyConfigError(f"API key name {key.name!r}: use 1-32 lowercase letters, digits or '-', not 'anon'")
+        raise KeyConfigError(
+            f"API key name {key.name!r}: use 1-32 lowercase letters, digits or '-', not 'anon'"
+        )
     if not HEX64.fullmatch(key.sha256):
         raise KeyConfigError(f"API key {key.name!r}: sha256 must be 64 lowercase hex digits")
     if key.lane not in (None, *LANES):
@@ -77,7 +79,9 @@ def load_keys(entries: str | None, path: str | None) -> dict[str, ApiKey]:
         if text.lstrip().startswith("["):
             keys += [_from_object(body) for body in json.loads(text)]
         else:
-            keys += [parse_entry(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+            keys += [
+                parse_entry(line) for line in text.splitlines() if line.strip() and not line.startswith("#")
+            ]
     names = [k.name for k in keys]
     if len(set(names)) != len(names):
         raise KeyConfigError("API keys: each name (tenant) may appear once")

@@ -99,7 +99,16 @@ class Quotas:
         """Charge a token (``rate`` = per minute, burst; None: no charge) and count ``job_id`` against
         the tenant's cap (idempotent: a counted job counts once), in one script."""
         per_minute, burst = rate or (1, 1)
-        args = [per_minute / 60000, burst, job_id, limit, int(now), self.max_age_s, cancel_key(""), int(bool(rate))]
+        args: list[str | int | float] = [
+            per_minute / 60000,
+            burst,
+            job_id,
+            limit,
+            int(now),
+            self.max_age_s,
+            cancel_key(""),
+            int(bool(rate)),
+        ]
         verdict, wait_ms = self._admit(keys=[rate_key(tenant), active_key(tenant)], args=args)
         if verdict == 1:
             return None

@@ -42,10 +42,13 @@ def submit_job(
     """Checks, quota and enqueue, in that order; the quota is given back if the enqueue fails."""
     lane = ctx.lane_for(who, lane)
     if spec.job_id and idempotency_key and spec.job_id != idempotency_key:
-        raise ApiError(422, "job_id: differs from the Idempotency-Key header; send one of them", param="job_id")
+        raise ApiError(
+            422, "job_id: differs from the Idempotency-Key header; send one of them", param="job_id"
+        )
     if spec.callback_task and not ctx.settings.allow_callbacks:
         raise ApiError(
-            422, "callback_task: not accepted over HTTP on this server (SDQ_ALLOW_CALLBACKS); use webhook_url",
+            422,
+            "callback_task: not accepted over HTTP on this server (SDQ_ALLOW_CALLBACKS); use webhook_url",
             param="callback_task",
         )
     job_id = who.job_id(idempotency_key or spec.job_id)
@@ -69,7 +72,9 @@ def create_job(
     lane: LaneParam = None,
     idempotency_key: Annotated[
         str | None,
-        Header(description="Your key for this job: the same key twice gives one job (scoped to your API key)"),
+        Header(
+            description="Your key for this job: the same key twice gives one job (scoped to your API key)"
+        ),
     ] = None,
 ) -> JSONResponse:
     """Validate a job against the contract and enqueue it; returns at once.
@@ -157,7 +162,11 @@ def store_upload(ctx: Context, who: Tenant, image: InputImage) -> UploadCreated:
     ref = image.ref(ctx.settings.input_buckets[0], who.upload_prefix)
     ctx.queue.storage.put(ref, image.data, image.content_type)
     return UploadCreated(
-        url=ref.url, bytes=len(image.data), width=image.width, height=image.height, content_type=image.content_type
+        url=ref.url,
+        bytes=len(image.data),
+        width=image.width,
+        height=image.height,
+        content_type=image.content_type,
     )
 
 

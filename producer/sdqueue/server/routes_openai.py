@@ -58,8 +58,10 @@ def _build(kind: type[Job], size: str | None, fields: dict[str, Any]) -> Job:
         if not isinstance(exc, ValidationError):
             raise
         lines = describe_errors([dict(e) for e in exc.errors(include_url=False)])
-        lines = [f"size {size or DEFAULT_SIZE!r} ({line})" if line.startswith(("width", "height")) else line
-                 for line in lines]
+        lines = [
+            f"size {size or DEFAULT_SIZE!r} ({line})" if line.startswith(("width", "height")) else line
+            for line in lines
+        ]
         param = "size" if lines[0].startswith("size") else lines[0].split(":")[0]
         raise ApiError(400, "invalid request: " + "; ".join(lines), param=param) from None
 
@@ -169,8 +171,12 @@ async def edits(
     await run_in_threadpool(ctx.take_token, who)
     stored = await run_in_threadpool(store_upload, ctx, who, upload)
     fields: dict[str, Any] = {
-        "prompt": prompt, "num_images": n, "image_url": stored.url, "strength": strength,
-        "steps": steps or ctx.settings.openai_steps, "seed": seed,
+        "prompt": prompt,
+        "num_images": n,
+        "image_url": stored.url,
+        "strength": strength,
+        "steps": steps or ctx.settings.openai_steps,
+        "seed": seed,
     }
     spec = _build(Img2ImgJob, size, fields)
     return await _run(ctx, who, spec, response_format, size, charge=False)

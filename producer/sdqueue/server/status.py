@@ -62,7 +62,9 @@ class StatusReader:
         self._observe = queue.redis.register_script(_OBSERVE)
 
     def queue_info(self, job_id: str) -> QueueInfo:
-        found, ahead, deeper = self._position(keys=list(LANES_IN_ORDER), args=[f'"{job_id}"', self.scan_limit])
+        found, ahead, deeper = self._position(
+            keys=list(LANES_IN_ORDER), args=[f'"{job_id}"', self.scan_limit]
+        )
         position: int | None = int(ahead) if found else (None if deeper else 0)
         waiting = sum(int(self.queue.redis.llen(key)) for key in LANES_IN_ORDER)
         return QueueInfo(position=position, waiting=waiting)
