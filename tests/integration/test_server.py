@@ -202,8 +202,10 @@ def test_openai_sdk(server: ServerProcess) -> None:
 
 def test_rate_limit_and_concurrency_quota(idle: ServerProcess) -> None:
     bob = _client(idle, "bob")
-    codes = [bob.post("/v1/jobs", json=JOB).status_code for _ in range(4)]
-    assert codes[:3] == [202, 202, 202] and codes[3] == 429
+    answers = [bob.post("/v1/jobs", json=JOB) for _ in range(4)]
+    assert [a.status_code for a in answers] == [202, 202, 202, 429]
+    third = bob.get(f"/v1/jobs/{answers[2].json()['job_id']}").json()
+    assert third["state"] == "queued" and third["queue"] == {"position": 2, "waiting": 3}
     limited = bob.post("/v1/jobs", json=JOB)
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
@@ -287,3 +289,28 @@ def test_try_it_page_in_chromium(server: ServerProcess, tmp_path: Path) -> None:
     assert Image.open(shot).size[0] == 800
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(shot, ARTIFACTS / shot.name)
+
+
+BAD_JOBS = [
+    ({"prompt": "x"}, "mode", "must be 'txt2img' or 'img2img'"),
+    ({**JOB, "steps": 999}, "steps", "less than or equal to 150"),
+    ({**JOB, "width": 65}, "width", "multiple of 8"),
+    ({**JOB, "colour": "red"}, "colour", "unknown field"),
+    ({**JOB, "output": {"bucket": "nope"}}, "output.bucket", "not an allowed output bucket"),
+    ({**JOB, "callback_task": "mine.done"}, "callback_task", "not accepted over HTTP"),
+    ({**JOB, "mode": "img2img", "image_url": "http://169.254.169.254/x"}, "image_url", "use s3://bucket/key"),
+    ([1, 2], "body", "send a JSON object"),
+]
+
+
+def test_bad_jobs_are_4xx_naming_the_field(idle: ServerProcess) -> None:
+    alice = _client(idle, "alice")
+    for body, field, words in BAD_JOBS:
+        response = alice.post("/v1/jobs", json=body)
+        error = response.json()["error"]
+        assert (response.status_code, error["param"]) == (422, field), (body, error)
+        assert words in error["message"]
+    broken = alice.post("/v1/jobs", content=b"{nope", headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422 and "not valid JSON" in broken.json()["error"]["message"]
+    lane = alice.post("/v1/jobs", params={"lane": "fast"}, json=JOB)
+    assert lane.status_code == 422 and lane.json()["error"]["param"] == "lane"

@@ -23,7 +23,8 @@ from sdqueue.errors import (
 from sdqueue.server.schemas import ErrorBody, error_body
 
 log = logging.getLogger(__name__)
-_FIELD = re.compile(r"^(?:invalid job: )?([A-Za-z_][A-Za-z0-9_.]*)(?: [^:]*)?: ")
+_FIELD = re.compile(r"^(?:invalid (?:job|request): )?([A-Za-z_][A-Za-z0-9_.-]*)(?: .*?)?: ")
+_SOURCES = ("body", "query", "header", "path")
 
 
 class ApiError(Exception):
@@ -58,8 +59,21 @@ def _validation_status(request: Request) -> int:
     return 400 if request.url.path.startswith("/v1/images/") else 422
 
 
-def _where(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(loc[1:]) if loc and loc[0] == "body" else tuple(loc)
+def _plain(error: dict[str, Any]) -> dict[str, Any]:
+    """A FastAPI error located as the contract locates it: ``steps``, not ``body.steps``."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "not valid JSON")
+        return {**error, "loc": ("body",), "msg": f"not valid JSON ({reason}); send a JSON object"}
+    if loc and loc[0] in _SOURCES:
+        loc = loc[1:] or (loc[0],)
+    if loc == ("body",) or not loc:
+        return {
+            **error,
+            "loc": ("body",),
+            "msg": "send a JSON object (a job: see the schema at /openapi.json)",
+        }
+    return {**error, "loc": loc}
 
 
 def _respond(error: ApiError) -> JSONResponse:
@@ -76,7 +90,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{**dict(e), "loc": _where(tuple(e.get("loc", ())))} for e in exc.errors()]
+        errors = [_plain(dict(e)) for e in exc.errors()]
         lines = describe_errors(errors)
         message = "invalid request: " + "; ".join(lines)
         return _respond(
