@@ -52,7 +52,7 @@ def submit_job(
             param="callback_task",
         )
     job_id = who.job_id(idempotency_key or spec.job_id)
-    spec = spec.model_copy(update={"job_id": job_id})  # the contract's checks run once, in submit
+    spec = ctx.queue.validate(spec.model_copy(update={"job_id": job_id}))  # allow-lists before the quota
     if isinstance(spec, Img2ImgJob):
         ctx.check_input(who, spec.image_url)
     ctx.admit(who, job_id, time.time(), charge)
