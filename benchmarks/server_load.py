@@ -3,7 +3,8 @@
     .venv/bin/python -m benchmarks.server_load [--latency-jobs 1000] [--load-jobs 6000] [--connections 16]
 
 Starts a real redis-server and ``sdqueue serve`` (one process, one API key, so the key lookup, rate
-limit and quota scripts run on every submit); no worker, so jobs only queue. Then, on loopback:
+limit and quota run on every submit); no worker, so jobs only queue. The in-process client is
+measured without Celery's task-sent event, which the server does not publish either. Then, on loopback:
 
 * latency: ``--latency-jobs`` submits one at a time, first with ``SdQueue.submit`` in this process,
   then as ``POST /v1/jobs`` over one keep-alive connection; p50/p90/p99 of each and the difference.
@@ -57,7 +58,7 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 
 
 def client(settings: Settings) -> SdQueue:
-    """The client as the server configures it (no task-sent event: SDQ_SENT_EVENTS=false)."""
+    """The client without the task-sent event, which the server does not publish either: like for like."""
     queue = SdQueue(settings)
     queue.celery.conf.task_send_sent_event = False
     return queue

@@ -115,6 +115,7 @@ def test_submit_stream_and_download(server: ServerProcess) -> None:
     assert status["state"] == "succeeded" and status["result"]["images"][0]["seed"] == image["seed"]
     again = alice.post("/v1/jobs", json={**JOB, "steps": 60}, headers={"Idempotency-Key": "fox-1"})
     assert again.status_code == 202 and again.json()["job_id"] == job_id
+    assert again.json()["state"] == "succeeded"  # the same job, not a new one
     other = alice.post("/v1/jobs", json={**JOB, "prompt": "a blue fox"}, headers={"Idempotency-Key": "fox-1"})
     assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
 
@@ -315,3 +316,28 @@ def test_bad_jobs_are_4xx_naming_the_field(idle: ServerProcess) -> None:
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["error"]["message"]
     lane = alice.post("/v1/jobs", params={"lane": "fast"}, json=JOB)
     assert lane.status_code == 422 and lane.json()["error"]["param"] == "lane"
+
+
+def test_the_servers_messages_are_the_ones_kombu_writes(logdir: Path) -> None:
+    """The front door enqueues without kombu: its list entry must match what SdQueue.submit writes."""
+    import base64 as b64
+
+    from devstack.services import RedisServer
+    from sdqueue import SdQueue, Settings, Txt2ImgJob
+    from sdqueue.server.publish import envelope
+
+    redis = RedisServer(logdir).start()
+    try:
+        queue = SdQueue(Settings(redis_url=redis.url))
+        queue.celery.conf.task_send_sent_event = False
+        spec = Txt2ImgJob(prompt="a boat", width=64, height=64, steps=1, job_id="same-job")
+        queue.submit(spec, lane="bulk")
+        kombu = json.loads(queue.redis.lrange("sdqueue.bulk", 0, -1)[0])
+        ours = json.loads(envelope(queue.celery, "same-job", spec, "sdqueue.bulk"))
+    finally:
+        redis.stop()
+    for message in (kombu, ours):
+        message["properties"].pop("delivery_tag")
+        message["headers"].pop("sdq_submitted_at")
+        message["body"] = json.loads(b64.b64decode(message["body"]))
+    assert ours == kombu

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from sdqueue.client import SdQueue
+from sdqueue.client import Job, SdQueue
 from sdqueue.locations import parse_object_url
 from sdqueue.names import job_claim_key
 from sdqueue.server.errors import ApiError, not_found
 from sdqueue.server.keys import ANONYMOUS, ApiKey, hash_key, load_keys
-from sdqueue.server.quotas import Quotas
+from sdqueue.server.publish import Submitter
+from sdqueue.server.quotas import Quotas, Refusal
 from sdqueue.server.settings import ServerSettings
 from sdqueue.server.status import StatusReader
 
@@ -57,12 +58,18 @@ class Context:
     def __init__(self, settings: ServerSettings, queue: SdQueue | None = None) -> None:
         self.settings = settings
         self.queue = queue or SdQueue(settings)
-        self.queue.celery.conf.task_send_sent_event = settings.sent_events
         self.keys = load_keys(
             settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file
         )
         self.quotas = Quotas(self.queue.redis, settings.concurrent_max_age_s)
         self.status = StatusReader(self.queue, settings.queue_scan_limit)
+        self.submitter = Submitter(
+            self.queue.celery,
+            settings.redis_url.get_secret_value(),
+            settings.redis_socket_timeout_s,
+            settings.result_ttl_s,
+            settings.concurrent_max_age_s,
+        )
 
     @property
     def open(self) -> bool:
@@ -137,29 +144,27 @@ class Context:
     def take_token(self, tenant: Tenant) -> None:
         refusal = self.quotas.take_token(tenant.name, tenant.rate_per_minute, tenant.rate_burst)
         if refusal:
-            raise ApiError(
-                429,
-                refusal.message,
-                "rate_limit_error",
-                headers={"Retry-After": str(refusal.retry_after_s)},
-                code="rate_limit_exceeded",
-            )
+            raise too_many(refusal)
 
-    def admit(self, tenant: Tenant, job_id: str, now: float, charge: bool) -> None:
-        """Rate limit (when ``charge``) and concurrency quota in one Redis round trip; 429 with Retry-After."""
+    async def submit(self, tenant: Tenant, spec: Job, job_id: str, lane: str, charge: bool) -> bool:
+        """Claim, rate limit (when ``charge``), quota and enqueue: one Redis script; 429 with Retry-After.
+        False when this exact job was submitted before (nothing new is queued)."""
         rate = (tenant.rate_per_minute, tenant.rate_burst) if charge else None
-        refusal = self.quotas.admit(tenant.name, job_id, tenant.max_concurrent, now, rate)
-        if refusal:
-            code = (
-                "rate_limit_exceeded" if refusal.message.startswith("rate") else "concurrency_quota_exceeded"
-            )
-            raise ApiError(
-                429,
-                refusal.message,
-                "rate_limit_error",
-                headers={"Retry-After": str(refusal.retry_after_s)},
-                code=code,
-            )
+        outcome = await self.submitter.submit(tenant.name, spec, job_id, lane, tenant.max_concurrent, rate)
+        if isinstance(outcome, Refusal):
+            raise too_many(outcome)
+        return outcome
+
+
+def too_many(refusal: Refusal) -> ApiError:
+    code = "rate_limit_exceeded" if refusal.message.startswith("rate") else "concurrency_quota_exceeded"
+    return ApiError(
+        429,
+        refusal.message,
+        "rate_limit_error",
+        headers={"Retry-After": str(refusal.retry_after_s)},
+        code=code,
+    )
 
 
 async def context(request: Request) -> Context:

@@ -36,10 +36,11 @@ async def tenant(request: Request) -> Tenant:
 Caller = Annotated[Tenant, Depends(tenant)]
 
 
-def submit_job(
+async def submit_job(
     ctx: Context, who: Tenant, spec: Job, lane: str | None, idempotency_key: str | None, charge: bool = True
-) -> tuple[str, str]:
-    """Checks, quota and enqueue, in that order; the quota is given back if the enqueue fails."""
+) -> tuple[str, str, bool]:
+    """The contract and allow-list checks, then claim, rate limit, quota and enqueue in one step.
+    Returns the job id, its lane, and whether it was queued now (False: submitted before)."""
     lane = ctx.lane_for(who, lane)
     if spec.job_id and idempotency_key and spec.job_id != idempotency_key:
         raise ApiError(
@@ -55,17 +56,12 @@ def submit_job(
     spec = ctx.queue.validate(spec.model_copy(update={"job_id": job_id}))  # allow-lists before the quota
     if isinstance(spec, Img2ImgJob):
         ctx.check_input(who, spec.image_url)
-    ctx.admit(who, job_id, time.time(), charge)
-    try:
-        ctx.queue.submit(spec, lane=lane)  # type: ignore[arg-type]
-    except Exception:
-        ctx.quotas.release(who.name, job_id)
-        raise
-    return job_id, lane
+    new = await ctx.submit(who, spec, job_id, lane, charge)
+    return job_id, lane, new
 
 
 @router.post("/jobs", status_code=202, response_model=JobCreated, summary="Submit a job")
-def create_job(
+async def create_job(
     ctx: Ctx,
     who: Caller,
     job: Annotated[Txt2ImgJob | Img2ImgJob, Body(discriminator="mode")],
@@ -81,10 +77,11 @@ def create_job(
 
     Refusals name the field (the contract's own messages). The job id is ``{key name}.{Idempotency-Key}``
     (or a random suffix): the same header twice gives one job, and two keys never collide."""
-    job_id, chosen = submit_job(ctx, who, job, lane, idempotency_key)
+    job_id, chosen, new = await submit_job(ctx, who, job, lane, idempotency_key)
+    state = "queued" if new else (await run_in_threadpool(ctx.status.light, job_id))[0]
     body = {
         "job_id": job_id,
-        "state": "queued",
+        "state": state,
         "lane": chosen,
         "status_url": f"/v1/jobs/{job_id}",
         "events_url": f"/v1/jobs/{job_id}/events",

@@ -114,7 +114,7 @@ async def _run(
     ctx: Context, who: Tenant, spec: Job, response_format: str, size: str | None, charge: bool = True
 ) -> ImagesResponse:
     try:
-        job_id, _ = await run_in_threadpool(submit_job, ctx, who, spec, None, None, charge)
+        job_id, _, _ = await submit_job(ctx, who, spec, None, None, charge)
     except JobValidationError as exc:
         raise ApiError(400, str(exc), param="image" if "image" in str(exc)[:12] else None) from None
     return await _respond(ctx, job_id, response_format, size or DEFAULT_SIZE)

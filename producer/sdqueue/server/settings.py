@@ -45,9 +45,6 @@ class ServerSettings(Settings):
     """Denoising steps of an OpenAI-style request that names none (extension field ``steps``)."""
     allow_callbacks: bool = False
     """Let HTTP jobs name a Celery ``callback_task`` (off: a tenant could send tasks to your queues)."""
-    sent_events: bool = False
-    """Publish Celery's task-sent event per submit, so Flower lists jobs while queued (off, as in
-    ``sdqueue bulk``: a submit then costs ~40% less CPU; Flower still sees every job once it starts)."""
     queue_scan_limit: int = Field(default=1000, ge=1)
     """Queue position is looked up among this many oldest waiting messages per lane."""
 
