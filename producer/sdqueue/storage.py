@@ -1,5 +1,6 @@
 """Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs,
-input uploads.
+input uploads, manifest reads (a finished job's source of truth), and the mapping of S3 errors to
+sdqueue's.
 
 The worker's side (input download with limits, conditional writes) is
 ``sdqueue_worker.storage``.
@@ -7,15 +8,47 @@ The worker's side (input download with limits, conditional writes) is
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from sdqueue.errors import StorageUnavailable
+from sdqueue.errors import StorageRefused, StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.settings import Settings
+
+MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+ALREADY_THERE_CODES = {"412", "PreconditionFailed"}
+RETRYABLE_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "ConditionalRequestConflict",
+    "409",
+}
+
+
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def classify_error(exc: Exception, what: str, refused: type[Exception] = StorageRefused) -> Exception:
+    """Map a boto error to a permanent (``refused``) or transient sdqueue error."""
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in RETRYABLE_CODES or status in RETRYABLE_CODES:
+            return StorageUnavailable(f"{what}: storage answered {code or status}")
+        return refused(f"{what}: storage refused the request ({code or status})")
+    return StorageUnavailable(f"{what}: storage unreachable ({type(exc).__name__})")
 
 
 def make_s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
@@ -66,16 +99,29 @@ class Storage:
         return url
 
     def put(self, ref: ObjectRef, data: bytes, content_type: str) -> None:
-        """Write one object; StorageUnavailable when the store cannot be reached or refuses."""
+        """Write one object; StorageUnavailable or StorageRefused when the store cannot or will not."""
         try:
             self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"could not write {ref.url}: {exc}") from None
+            raise classify_error(exc, f"writing {ref.url}") from None
 
     def get(self, ref: ObjectRef) -> bytes:
         """Read one object (used for results, which the worker wrote)."""
         try:
             body: bytes = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(f"could not read {ref.url}: {exc}") from None
+            raise classify_error(exc, f"reading {ref.url}") from None
         return body
+
+    def read_json(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """Read a JSON object, or None when it does not exist."""
+        try:
+            body = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in MISSING_CODES:
+                return None
+            raise classify_error(exc, f"reading {ref.url}") from None
+        except (BotoCoreError, BotoConnectionError) as exc:
+            raise classify_error(exc, f"reading {ref.url}") from None
+        manifest: dict[str, Any] = json.loads(body)
+        return manifest

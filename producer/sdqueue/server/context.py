@@ -63,13 +63,7 @@ class Context:
         )
         self.quotas = Quotas(self.queue.redis, settings.concurrent_max_age_s)
         self.status = StatusReader(self.queue, settings.queue_scan_limit)
-        self.submitter = Submitter(
-            self.queue.celery,
-            settings.redis_url.get_secret_value(),
-            settings.redis_socket_timeout_s,
-            settings.result_ttl_s,
-            settings.concurrent_max_age_s,
-        )
+        self.submitter = Submitter(self.queue.celery, settings, settings.concurrent_max_age_s)
 
     @property
     def open(self) -> bool:

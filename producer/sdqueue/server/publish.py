@@ -19,11 +19,12 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from sdqueue.client import Job
+from sdqueue.client import Job, job_record, record_ttl_s
 from sdqueue.contract import spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, JobIdConflict
 from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key
 from sdqueue.server.quotas import Refusal, active_key, rate_key
+from sdqueue.settings import Settings
 
 # KEYS: rate bucket, in-flight zset, claim, lane list.
 # ARGV: 1 refill per ms, 2 burst, 3 job id, 4 limit, 5 now (s), 6 max age (s), 7 cancel prefix,
@@ -109,20 +110,18 @@ def envelope(app: Any, job_id: str, spec: Job, queue_name: str) -> str:
 class Submitter:
     """Submits validated specs for one server process (one asyncio Redis pool, made on first use)."""
 
-    def __init__(
-        self, celery: Any, redis_url: str, timeout_s: float, claim_ttl_s: int, max_age_s: int
-    ) -> None:
+    def __init__(self, celery: Any, settings: Settings, max_age_s: int) -> None:
         self.celery = celery
-        self.redis_url = redis_url
-        self.timeout_s = timeout_s
-        self.claim_ttl_s = claim_ttl_s
+        self.settings = settings
         self.max_age_s = max_age_s
         self._script: Any = None
 
     def _ensure(self) -> Any:
         if self._script is None:
             client = redis.asyncio.Redis.from_url(
-                self.redis_url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+                self.settings.redis_url.get_secret_value(),
+                socket_timeout=self.settings.redis_socket_timeout_s,
+                socket_connect_timeout=self.settings.redis_connect_timeout_s,
             )
             self._script = client.register_script(_SUBMIT)
         return self._script
@@ -137,8 +136,8 @@ class Submitter:
         now = time.time()
         args: list[str | int | float] = [
             per_minute / 60000, burst, job_id, limit, int(now), self.max_age_s, cancel_key(""),
-            int(bool(rate)), json.dumps({"fingerprint": fingerprint, "at": now}), fingerprint,
-            self.claim_ttl_s, envelope(self.celery, job_id, spec, QUEUE_FOR_LANE[lane]),
+            int(bool(rate)), job_record(spec, fingerprint), fingerprint,
+            record_ttl_s(spec, self.settings), envelope(self.celery, job_id, spec, QUEUE_FOR_LANE[lane]),
         ]  # fmt: skip
         keys = [rate_key(tenant), active_key(tenant), job_claim_key(job_id), QUEUE_FOR_LANE[lane]]
         try:
