@@ -10,6 +10,7 @@ the enqueue one step: a job is either counted and queued, or neither. Celery's
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -115,9 +116,13 @@ class Submitter:
         self.settings = settings
         self.max_age_s = max_age_s
         self._script: Any = None
+        self._loop: Any = None
 
     def _ensure(self) -> Any:
-        if self._script is None:
+        """The script on a client of the running event loop (an asyncio pool belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._script is None or self._loop is not loop:
+            self._loop = loop
             client = redis.asyncio.Redis.from_url(
                 self.settings.redis_url.get_secret_value(),
                 socket_timeout=self.settings.redis_socket_timeout_s,
