@@ -8,19 +8,23 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 LINT_PATHS := producer worker devstack tests benchmarks examples
 
-.PHONY: install test test-unit mutation demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
+.PHONY: install browser bench-server test test-unit mutation demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e '.[worker,monitor,test,lint]'
+	$(PIP) install -q -c constraints.txt -e '.[worker,monitor,server,test,lint]'
 	touch $(STAMP)
 
-install: $(STAMP) redis-server
+install: $(STAMP) redis-server browser
 
 redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+# Debian's chromium for the try-it page test (playwright drives it; its own browser download is never used).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 tiny-model: install
 	$(PY) -m sdqueue.cli build-tiny-model .cache/tiny-sd
@@ -58,6 +62,10 @@ constraints: install
 
 bench-queue: install tiny-model
 	$(PY) -m benchmarks.queue_overhead
+
+# The HTTP front door's submit latency and rate (results land in benchmarks/results/).
+bench-server: install
+	$(PY) -m benchmarks.server_load
 
 # On a GPU machine (results land in benchmarks/results/; see benchmarks/gpu_bench.py).
 bench-gpu: install

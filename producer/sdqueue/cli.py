@@ -41,12 +41,13 @@ EPILOG = (
     """\
 examples:
   sdqueue submit txt2img "a lighthouse at dusk" --seed 7 --wait
-  sdqueue submit img2img "as a watercolour" --image-url s3://inputs/photo.png --strength 0.5
+  sdqueue submit img2img "as a watercolour" --image photo.png --strength 0.5
   sdqueue status 3f2a...            state, progress and images of a job
   sdqueue cancel 3f2a...            a queued job never runs; a running one stops at its next step
   sdqueue bulk prompts.csv --max-in-flight 200 --report report.jsonl
   sdqueue download report.jsonl out/  fetch a bulk run's images
   sdqueue worker --name gpu0@host   run the GPU worker (model from SDQ_MODEL)
+  sdqueue serve --port 8000         the HTTP front door (pip install "sdqueue[server]")
 
 """
     + EXIT_CODES
@@ -120,7 +121,12 @@ def _waited(handle: Any, timeout: float) -> Any:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     queue = _queue()
-    handle = queue.submit(_job_from_args(args), lane=args.lane)
+    job = _job_from_args(args)
+    if getattr(args, "image", None):
+        if args.image_url:
+            raise JobValidationError("image_url: give --image or --image-url, not both")
+        job["image_url"] = queue.upload_input(args.image)
+    handle = queue.submit(job, lane=args.lane)
     if not args.wait:
         _print({"job_id": handle.job_id, "state": handle.state().value}, indent=None)
         return EXIT_OK
@@ -196,6 +202,10 @@ class WorkerNotInstalled(SdqError):
     """A worker command was run where only the client is installed."""
 
 
+class ServerNotInstalled(SdqError):
+    """``sdqueue serve`` was run without the server extra."""
+
+
 WORKER_PACKAGES = ("sdqueue_worker", "torch", "diffusers", "transformers")
 """What a worker command needs beyond the client (the ``worker`` extra)."""
 
@@ -220,6 +230,24 @@ def _worker_side(module: str) -> Any:
     raise WorkerNotInstalled(
         f'this command needs the GPU worker ({", ".join(missing)} missing): pip install "sdqueue[worker]"'
     ) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from sdqueue.server.run import serve
+    except ImportError as exc:
+        raise ServerNotInstalled(
+            f'sdqueue serve needs the server extra ({exc.name} is missing): pip install "sdqueue[server]"'
+        ) from None
+    return serve(args.host, args.port, args.workers)
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from sdqueue.server.keys import new_key_line
+
+    key, line = new_key_line(args.name, args.lane)
+    _print({"api_key": key, "SDQ_API_KEYS entry": line}, indent=1)
+    return EXIT_OK
 
 
 def cmd_build_tiny_model(args: argparse.Namespace) -> int:
@@ -254,6 +282,9 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-images", dest="num_images", type=int, metavar="N", help="images of this job (1-8)")
     g.add_argument("--scheduler", help="default, euler, euler_a, ddim, dpmpp_2m, pndm or unipc")
     g.add_argument("--image-url", dest="image_url", metavar="URL", help="img2img input: s3://bucket/key")
+    g.add_argument(
+        "--image", metavar="PATH", help="img2img input file: checked, uploaded to the first input bucket"
+    )
     g.add_argument("--strength", type=float, help="img2img: how far from the input (0-1, default 0.6)")
     g.add_argument("--job-id", dest="job_id", help="idempotency key: the same id twice runs once")
     g.add_argument("--output-bucket", dest="output_bucket", metavar="BUCKET")
@@ -285,7 +316,8 @@ def _submit_parser(sub: Any) -> None:
         "Validate a job against the contract and enqueue it; prints its id at once,\n"
         "or with --wait its images (s3:// and presigned http URLs) when it is done.",
         'examples:\n  sdqueue submit txt2img "a red fox" --seed 7 --steps 25 --wait\n'
-        '  sdqueue submit img2img "in snow" --image-url s3://inputs/fox.png --strength 0.4\n'
+        '  sdqueue submit img2img "in snow" --image fox.png --strength 0.4    # uploads fox.png first\n'
+        '  sdqueue submit img2img "in snow" --image-url s3://sdqueue/uploads/fox.png\n'
         '  sdqueue submit txt2img "a fox" --job-id fox-1   # resubmitting fox-1 runs nothing new',
     )
     p.add_argument("mode", choices=["txt2img", "img2img"])
@@ -475,6 +507,31 @@ def _other_parsers(sub: Any) -> None:
     p.add_argument("--name", help="Celery node name (default: celery@hostname)")
     p.add_argument("--gpus", help="one single-concurrency worker per GPU on this host: 'all' or ids like 0,1")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    p = _parser(
+        sub,
+        "serve",
+        cmd_serve,
+        "run the HTTP front door (native API, OpenAI-compatible images API, try-it page)",
+        "Serve the HTTP API (docs/server.md): /v1/jobs, /v1/uploads, /v1/images/generations,\n"
+        "/v1/images/edits, OpenAPI at /openapi.json and a try-it page at /. Stateless: it talks to\n"
+        "Redis and S3 only, so any number can run behind a load balancer. API keys: SDQ_API_KEYS\n"
+        "or SDQ_API_KEYS_FILE (none set: open, for development only).",
+        "example:\n  sdqueue serve --host 0.0.0.0 --port 8000",
+    )
+    p.add_argument("--host", help="address to bind (default SDQ_SERVER_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default SDQ_SERVER_PORT, 8000)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    p = _parser(
+        sub,
+        "api-key",
+        cmd_api_key,
+        "make a new API key for sdqueue serve",
+        "Print a new random API key and the SDQ_API_KEYS entry (name:sha256[:lane]) that admits it.\n"
+        "Only the hash goes into the settings; give the key itself to the tenant.",
+        "example:\n  sdqueue api-key alice --lane bulk",
+    )
+    p.add_argument("name", help="tenant name: lowercase letters, digits and '-' (1-32)")
+    p.add_argument("--lane", choices=["interactive", "bulk"], help="bind the key to one lane")
     _parser(
         sub,
         "schema",

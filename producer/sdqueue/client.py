@@ -13,9 +13,11 @@ A web backend installs the base package only (no torch) and uses it like this::
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -39,6 +41,7 @@ from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_k
 from sdqueue.policy import check_job
 from sdqueue.settings import Settings, get_settings
 from sdqueue.states import JobState, state_of
+from sdqueue.uploads import check_size, inspect_image
 
 Job = Txt2ImgJob | Img2ImgJob
 Lane = Literal["interactive", "bulk"]
@@ -233,6 +236,22 @@ class SdQueue:
     def presigned_urls(self, result: JobResult, expires_s: int | None = None) -> list[str]:
         """Presigned http URLs for a result's images (expiry from settings unless given)."""
         return [self.storage.presign(ObjectRef(img.bucket, img.key), expires_s) for img in result.images]
+
+    def upload_input(self, source: str | os.PathLike[str] | bytes, prefix: str = "uploads") -> str:
+        """Check an img2img input (type, bytes, pixels: the worker's limits) and store it in the first
+        allow-listed input bucket under a content hash; returns the ``s3://`` URL to put in a job."""
+        if not self.settings.input_buckets:
+            raise JobValidationError("image_url: SDQ_INPUT_BUCKETS is empty, so no input can be uploaded")
+        if isinstance(source, bytes):
+            data = source
+        else:
+            path = Path(source)
+            check_size(path.stat().st_size, self.settings.max_input_bytes)
+            data = path.read_bytes()
+        image = inspect_image(data, self.settings.max_input_bytes, self.settings.max_input_pixels)
+        ref = image.ref(self.settings.input_buckets[0], prefix)
+        self.storage.put(ref, image.data, image.content_type)
+        return ref.url
 
 
 class JobHandle:

@@ -137,6 +137,19 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}" if where else message
 
 
+def describe_errors(errors: list[dict[str, Any]]) -> list[str]:
+    """pydantic errors of a job spec as the contract words them: ``field: what to fix``.
+
+    The HTTP front door uses it for bodies that FastAPI validated, so both paths say the same."""
+    lines = []
+    for error in errors:
+        if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            lines.append("mode: must be 'txt2img' or 'img2img'")
+        else:
+            lines.append(_describe(error))
+    return lines
+
+
 def parse_job(payload: Any) -> Txt2ImgJob | Img2ImgJob:
     """Validate a job payload (a dict with ``mode``) and return the typed spec.
 

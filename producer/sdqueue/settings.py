@@ -48,7 +48,11 @@ class Settings(BaseSettings):
     # --- object storage --------------------------------------------------------------------
     s3_endpoint_url: str | None = None
     """MinIO/moto/any S3-compatible endpoint; empty for AWS S3."""
-    s3_region: str = "us-east-1"
+    s3_region: str | None = None
+    """Empty: botocore's own chain decides (AWS_REGION, AWS_DEFAULT_REGION, the profile)."""
+    s3_public_endpoint_url: str | None = None
+    """Endpoint written into presigned URLs, for when the one above is a name only reachable inside a
+    private network (``http://minio:9000``): e.g. ``http://localhost:9000``. Empty: the endpoint above."""
     s3_access_key_id: SecretStr | None = None
     s3_secret_access_key: SecretStr | None = None
     output_bucket: str = "sdqueue"
@@ -59,6 +63,8 @@ class Settings(BaseSettings):
     """Allow-list of buckets img2img inputs may come from."""
     presign_expires_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     max_input_bytes: int = 20 * 1024 * 1024
+    max_input_pixels: int = 4096 * 4096
+    """Input images over this many pixels are refused (checked from the header, before decoding)."""
 
     # --- delivery (both sides: the Celery transport options must agree) ---------------
     visibility_timeout_s: int = Field(default=20, ge=5)

@@ -109,7 +109,7 @@ def test_images_are_pinned_and_run_as_non_root() -> None:
     )
     assert "HF_HOME=/cache/huggingface" in worker and "SDQ_HEARTBEAT_FILE=/tmp/sdq-heartbeat" in worker
     producer = (DOCKER / "Dockerfile.producer").read_text()
-    assert 'pip install -c constraints.txt ".[monitor]"' in producer
+    assert 'pip install -c constraints.txt ".[monitor,server]"' in producer
     assert not [line for line in producer.splitlines() if "torch" in line and not line.startswith("#")]
 
 
@@ -262,6 +262,21 @@ def compose_semantics(model: Doc) -> list[str]:
         problems.append("flower: no basic auth")
     if any(services[s].get("profiles") != ["monitoring"] for s in ("prometheus", "grafana")):
         problems.append("prometheus and grafana belong to the monitoring profile")
+    return problems + _compose_server_problems(services["server"])
+
+
+def _compose_server_problems(server: Doc) -> list[str]:
+    """The front door: `sdqueue serve` on all interfaces inside, loopback outside, URLs for a browser."""
+    problems = []
+    if server["command"][:2] != ["sdqueue", "serve"] or "0.0.0.0" not in server["command"]:
+        problems.append("server: does not run sdqueue serve on 0.0.0.0")
+    public = str(server["environment"].get("SDQ_S3_PUBLIC_ENDPOINT_URL", ""))
+    if "minio" in public or "9000" not in public:
+        problems.append(f"server: SDQ_S3_PUBLIC_ENDPOINT_URL {public!r} is not the host's MinIO port")
+    if server.get("ports") != ["127.0.0.1:8000:8000"]:
+        problems.append("server: port 8000 not published on loopback only")
+    if "/healthz" not in " ".join(server.get("healthcheck", {}).get("test", [])):
+        problems.append("server: no /healthz healthcheck")
     return problems
 
 
@@ -288,7 +303,8 @@ def test_compose_stack_has_what_one_machine_needs() -> None:
         "noeviction", "allkeys-lru"
     )
     broken["services"]["grafana"]["image"] = "grafana/grafana:latest"
-    assert len(compose_semantics(broken)) == 3
+    broken["services"]["server"]["environment"]["SDQ_S3_PUBLIC_ENDPOINT_URL"] = "http://minio:9000"
+    assert len(compose_semantics(broken)) == 4
 
 
 def test_prometheus_scrapes_the_compose_services() -> None:
@@ -730,6 +746,47 @@ def test_references_resolve_and_the_worker_is_as_specified(overlay: str) -> None
     docs = render(overlay)
     assert reference_problems(docs) == []
     assert worker_problems(docs) == []
+
+
+def server_problems(docs: list[Doc]) -> list[str]:
+    """The front door: sdqueue serve behind a Service, health-probed, scaled on CPU by an HPA."""
+    deployment = find(docs, "Deployment", "sdqueue-server")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    problems = []
+    if container["command"][:2] != ["sdqueue", "serve"]:
+        problems.append("server: does not run sdqueue serve")
+    for probe in ("readinessProbe", "livenessProbe"):
+        if container[probe]["httpGet"]["path"] != "/healthz":
+            problems.append(f"server: {probe} does not ask /healthz")
+    if "SDQ_API_KEYS" not in _env(container):
+        problems.append("server: no API keys from a Secret")
+    if "cpu" not in container["resources"]["requests"]:
+        problems.append("server: no CPU request (the HPA's utilisation needs one)")
+    hpa = find(docs, "HorizontalPodAutoscaler", "sdqueue-server")["spec"]
+    if hpa["scaleTargetRef"] != {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sdqueue-server"}:
+        problems.append("HorizontalPodAutoscaler: targets another object")
+    if [m["resource"]["name"] for m in hpa["metrics"] if m["type"] == "Resource"] != ["cpu"]:
+        problems.append("HorizontalPodAutoscaler: does not scale on CPU")
+    if (
+        find(docs, "Service", "sdqueue-server")["spec"]["selector"]
+        != deployment["spec"]["selector"]["matchLabels"]
+    ):
+        problems.append("Service/sdqueue-server: does not select the server pods")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", [p.name for p in OVERLAYS])
+def test_the_front_door_is_deployed_and_scaled_on_cpu(overlay: str) -> None:
+    docs = render(overlay)
+    assert server_problems(docs) == []
+    broken = copy.deepcopy(docs)
+    find(broken, "HorizontalPodAutoscaler", "sdqueue-server")["spec"]["scaleTargetRef"]["name"] = (
+        "sdqueue-worker"
+    )
+    find(broken, "Deployment", "sdqueue-server")["spec"]["template"]["spec"]["containers"][0][
+        "readinessProbe"
+    ]["httpGet"]["path"] = "/"
+    assert len(server_problems(broken)) == 2
 
 
 def test_overlays_differ_where_they_should() -> None:

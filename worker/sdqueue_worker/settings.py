@@ -18,8 +18,7 @@ from sdqueue.settings import Settings
 class WorkerSettings(Settings):
     """Every knob of the GPU worker. Field names map to ``SDQ_<NAME>`` environment variables."""
 
-    # --- input images and output encoding ------------------------------------------------------
-    max_input_pixels: int = 4096 * 4096
+    # --- input images and output encoding (the size and pixel limits are shared: Settings) -----
     max_jpeg_scans: int = Field(default=64, ge=1)
     """Progressive JPEGs with more scans are refused before decoding (each scan decodes the whole
     image again: 60,000 scans took 28 s); ordinary encoders write about 10."""
