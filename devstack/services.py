@@ -180,6 +180,8 @@ def stack_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict
 class WorkerProcess(Service):
     """A real worker process started through ``sdqueue worker``."""
 
+    command = "worker"
+
     def __init__(
         self, logdir: Path, env: dict[str, str], name: str = "worker", args: list[str] | None = None
     ) -> None:
@@ -192,7 +194,7 @@ class WorkerProcess(Service):
 
     def start(self, wait: bool = True, timeout: float = 120.0) -> WorkerProcess:
         self.ready_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "sdqueue.cli", "worker", "--name", self.hostname, *self.args]
+        argv = [sys.executable, "-m", "sdqueue.cli", self.command, "--name", self.hostname, *self.args]
         self._spawn(argv, env=self.env)
         if wait:
             self.wait_ready(timeout)
@@ -203,3 +205,12 @@ class WorkerProcess(Service):
         wait_for(lambda: self.ready_file.exists() or not self.alive(), timeout, f"worker {self.name}")
         if not self.alive():
             raise RuntimeError(f"worker {self.name} exited at start:\n{self.tail()}")
+
+
+class NotifierProcess(WorkerProcess):
+    """A real webhook notifier started through ``sdqueue notifier`` (CPU only, no model)."""
+
+    command = "notifier"
+
+    def __init__(self, logdir: Path, env: dict[str, str], name: str = "notifier") -> None:
+        super().__init__(logdir, {k: v for k, v in env.items() if k != "SDQ_METRICS_PORT"}, name)

@@ -182,6 +182,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return int(_worker_side("sdqueue_worker.launch").run_worker(args.gpus, args.name, args.loglevel))
 
 
+def cmd_notifier(args: argparse.Namespace) -> int:
+    launch = _worker_side("sdqueue_worker.launch")
+    return int(launch.run_notifier(args.name, args.loglevel, args.concurrency))
+
+
 def _parser(sub: Any, name: str, func: Handler, help_text: str, description: str, epilog: str = "") -> Any:
     parser = sub.add_parser(
         name,
@@ -355,13 +360,26 @@ def _other_parsers(sub: Any) -> None:
         cmd_worker,
         "run one GPU worker (settings from SDQ_* environment)",
         "Run the Celery worker for one GPU: threads pool, prefetch 1, task events on,\n"
-        "queues sdqueue.notify, sdqueue.interactive, sdqueue.bulk (in that order).\n"
+        "queues sdqueue.interactive, sdqueue.bulk (in that order; webhooks: sdqueue notifier).\n"
         "The model (SDQ_MODEL) loads once at start; SDQ_METRICS_PORT serves Prometheus metrics.",
         "example:\n  SDQ_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5 SDQ_METRICS_PORT=9808 \\\n"
         "    sdqueue worker --name gpu0@$(hostname)",
     )
     p.add_argument("--name", help="Celery node name (default: celery@hostname)")
     p.add_argument("--gpus", help="one single-concurrency worker per GPU on this host: 'all' or ids like 0,1")
+    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    p = _parser(
+        sub,
+        "notifier",
+        cmd_notifier,
+        "deliver webhooks (CPU only, queue sdqueue.notify)",
+        "Run the webhook notifier: a CPU-only Celery worker consuming sdqueue.notify, so slow\n"
+        "webhook receivers never hold a GPU job slot. Needs SDQ_WEBHOOK_SECRET and\n"
+        "SDQ_WEBHOOK_HOSTS like the worker; never loads the model.",
+        "example:\n  SDQ_WEBHOOK_SECRET=whsec_... sdqueue notifier --name notifier@$(hostname)",
+    )
+    p.add_argument("--name", help="Celery node name (default: celery@hostname)")
+    p.add_argument("--concurrency", type=int, help="deliveries at once (default SDQ_NOTIFY_CONCURRENCY, 8)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     _parser(
         sub,

@@ -255,6 +255,9 @@ def compose_semantics(model: Doc) -> list[str]:
     if "mc mb --ignore-existing local/sdqueue local/inputs" not in init:
         problems.append("minio-init: buckets sdqueue and inputs are not created")
     problems += _compose_worker_problems(services["worker"])
+    notifier = services.get("notifier", {})
+    if notifier.get("command") != ["sdqueue", "notifier"] or "deploy" in notifier:
+        problems.append("notifier: must run `sdqueue notifier`, without a GPU reservation")
     flower = services["flower"]
     if not {"--persistent=True", "--db=/data/flower.db"} <= set(flower["command"]):
         problems.append("flower: not persistent")
@@ -288,7 +291,8 @@ def test_compose_stack_has_what_one_machine_needs() -> None:
         "noeviction", "allkeys-lru"
     )
     broken["services"]["grafana"]["image"] = "grafana/grafana:latest"
-    assert len(compose_semantics(broken)) == 3
+    del broken["services"]["notifier"]
+    assert len(compose_semantics(broken)) == 4
 
 
 def test_prometheus_scrapes_the_compose_services() -> None:
@@ -698,7 +702,24 @@ def worker_problems(docs: list[Doc]) -> list[str]:
         problems.append("worker: no toleration for nvidia.com/gpu")
     if not any(m["mountPath"] == str(Path(env["HF_HOME"]).parent) for m in container["volumeMounts"]):
         problems.append("worker: HF_HOME is not on the model cache volume")
-    return problems + _scaling_problems(docs, deployment)
+    return problems + _scaling_problems(docs, deployment) + notifier_problems(docs)
+
+
+def notifier_problems(docs: list[Doc]) -> list[str]:
+    """Webhooks are delivered by a CPU-only Deployment consuming sdqueue.notify alone."""
+    from sdqueue.names import NOTIFY_QUEUE
+    from sdqueue_worker.launch import notifier_argv
+
+    argv = notifier_argv(None, "INFO", 1)
+    problems = [] if argv[argv.index("--queues") + 1] == NOTIFY_QUEUE else ["notifier: consumes more"]
+    container = find(docs, "Deployment", "sdqueue-notifier")["spec"]["template"]["spec"]["containers"][0]
+    if container.get("command") != ["sdqueue", "notifier"]:
+        problems.append("notifier: the Deployment does not run `sdqueue notifier`")
+    if "nvidia.com/gpu" in str(container.get("resources", {})):
+        problems.append("notifier: asks for a GPU")
+    if NOTIFY_QUEUE in worker_queues():
+        problems.append("worker: consumes sdqueue.notify (a slow receiver would hold a GPU slot)")
+    return problems
 
 
 def _scaling_problems(docs: list[Doc], deployment: Doc) -> list[str]:
@@ -796,7 +817,7 @@ def test_celery_puts_waiting_jobs_only_in_the_lists_keda_watches(logdir: Path) -
     }
     print(f"lists after one job per lane and one webhook delivery: {lists}; KEDA watches {sorted(watched)}")
     assert lists == {"sdqueue.interactive": 1, "sdqueue.bulk": 1, "sdqueue.notify": 1}
-    assert set(lists) == watched
+    assert watched == set(lists) - {"sdqueue.notify"}, "webhook deliveries must not scale GPU pods"
 
 
 # --- dashboards -----------------------------------------------------------------------------

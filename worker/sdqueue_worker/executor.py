@@ -209,7 +209,9 @@ class GpuExecutor:
                 if request.on_progress:
                     request.on_progress(step + 1, request.total_steps)
             if all(request.cancelled() for request in batch):
-                raise _Stop(JobCancelled(batch[0].job_id, "cancelled while running"))
+                first = batch[0]
+                reason = f"cancelled while running, at step {step + 1}/{first.total_steps}"
+                raise _Stop(JobCancelled(first.job_id, reason))
             if time.monotonic() > min(request.deadline for request in batch):
                 raise _Stop(
                     GenerationError(

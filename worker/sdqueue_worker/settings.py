@@ -64,6 +64,8 @@ class WorkerSettings(Settings):
     """First retry delay; doubles per attempt (with jitter) up to webhook_backoff_max_s."""
     webhook_backoff_max_s: float = Field(default=300.0, gt=0)
     webhook_timeout_s: float = Field(default=5.0, gt=0)
+    notify_concurrency: int = Field(default=8, ge=1, le=256)
+    """Webhook deliveries ``sdqueue notifier`` runs at once (threads; each waits on its receiver)."""
 
     @field_validator("compile_batch_sizes", mode="before")
     @classmethod

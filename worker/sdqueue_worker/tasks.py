@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 
 from sdqueue.errors import JobCancelled, TransientError
 from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
@@ -18,12 +19,16 @@ from sdqueue_worker.state import get_state
 _publisher: ProgressPublisher | None = None
 
 
-def _publish(job_id: str):  # type: ignore[no-untyped-def]
+def _publisher_of_worker() -> ProgressPublisher:
     global _publisher
     if _publisher is None:
         _publisher = ProgressPublisher(app, get_state().hostname)
-    publisher = _publisher
-    return lambda body: publisher.publish(job_id, body)
+    return _publisher
+
+
+def _publish(job_id: str):  # type: ignore[no-untyped-def]
+    publisher, started_at = _publisher_of_worker(), time.time()
+    return lambda body: publisher.publish(job_id, body, started_at)
 
 
 def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
@@ -83,3 +88,9 @@ def txt2img(self: Task, **payload: Any) -> dict[str, Any]:
 def img2img(self: Task, **payload: Any) -> dict[str, Any]:
     """Transform an allow-listed input image; kwargs are the job spec (see docs/job-schema.json)."""
     return run_delivery(self, "img2img", payload)
+
+
+@signals.task_failure.connect
+def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+    if isinstance(exception, JobCancelled) and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK):
+        _publisher_of_worker().cancelled(str(task_id), exception.reason)
