@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 LINT_PATHS := producer worker devstack tests benchmarks examples
 
-.PHONY: install test test-unit demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
+.PHONY: install test test-unit demo dev lint bench-queue bench-gpu tiny-model schema constraints clean redis-server browser settings-doc
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,10 +22,14 @@ install: $(STAMP) redis-server
 redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
+# Headless Chromium for the tests that render Flower's pages (Debian's package).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 tiny-model: install
 	$(PY) -m sdqueue.cli build-tiny-model .cache/tiny-sd
 
-test: install tiny-model
+test: install tiny-model browser
 	$(PY) -m pytest -m "not gpu" -q
 
 # The unit layer alone: seconds, no services, no model.
