@@ -825,6 +825,12 @@ def test_celery_puts_waiting_jobs_only_in_the_lists_keda_watches(logdir: Path) -
 FLOWER_METRICS = {"flower_events_total"}
 CORE_METRICS = {
     "sdqueue_jobs_total",
+    "sdqueue_job_deliveries_total",
+    "sdqueue_running_jobs",
+    "sdqueue_queue_depth",
+    "sdqueue_queue_wait_seconds",
+    "sdqueue_worker_busy_seconds_total",
+    "sdqueue_build_info",
     "sdqueue_job_duration_seconds",
     "sdqueue_batch_images",
     "sdqueue_gpu_max_memory_allocated_bytes",
@@ -852,11 +858,11 @@ def worker_metric_names() -> set[str]:
     """Sample names the worker registers (counters end in _total, histograms in _bucket/_sum/_count)."""
     from prometheus_client import REGISTRY
 
-    import sdqueue_worker.metrics  # noqa: F401  (registers the metrics)
+    from sdqueue_worker.metrics import AT_START_METRICS  # importing registers the metrics
 
     return {
         s.name for family in REGISTRY.collect() if family.name.startswith("sdqueue_") for s in family.samples
-    }
+    } | set(AT_START_METRICS)
 
 
 def promql_metrics(expr: str) -> set[str]:
