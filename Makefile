@@ -47,6 +47,10 @@ demo: install tiny-model
 schema: install
 	$(PY) -m sdqueue.cli schema > docs/job-schema.json
 
+# docs/settings.md from the settings classes (tests/unit/test_settings_reference.py checks it).
+settings-doc: install
+	$(PY) -m sdqueue_worker.settings_doc > docs/settings.md
+
 constraints: install
 	{ sed -n '1,3p' constraints.txt; $(PIP) freeze | grep -v '^-e\|^sdqueue\|^torch=\|^nvidia\|^triton'; } > constraints.new
 	mv constraints.new constraints.txt

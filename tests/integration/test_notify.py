@@ -19,7 +19,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from devstack.services import MotoServer
+from devstack.services import MotoServer, NotifierProcess
 from sdqueue import JobValidationError, Txt2ImgJob
 from sdqueue.names import TXT2IMG_TASK
 from sdqueue.webhooks import WebhookSignatureError, verify
@@ -316,3 +316,16 @@ def test_a_slow_webhook_receiver_does_not_delay_gpu_jobs(stack: Stack, receiver:
     )
     assert sorted(slow)[count // 2] < sorted(baseline)[count // 2] + 1.0
     assert jobs_done < 5.0 * (count - 1), "jobs must not wait for the receiver"
+
+
+def test_the_notifier_warns_about_an_unknown_setting_at_start(logdir: Path, stack: Stack) -> None:
+    """Same start-up path as the worker (WorkerSettings built as the Celery app is imported)."""
+    env = {**stack.env, "SDQ_WEBHOOK_MAX_ATEMPTS": "3"}
+    notifier = NotifierProcess(logdir, env, name="notifier-typo").start()
+    try:
+        assert (
+            "unknown setting SDQ_WEBHOOK_MAX_ATEMPTS is ignored; did you mean SDQ_WEBHOOK_MAX_ATTEMPTS?"
+            in (notifier.tail(200))
+        )
+    finally:
+        notifier.stop()
