@@ -20,6 +20,7 @@ from typing import Any
 from celery import signals
 
 from sdqueue.celeryconfig import make_celery
+from sdqueue_worker import logs
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.settings import get_worker_settings
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 settings = get_worker_settings()
 app = make_celery(settings, "sdqueue-worker", include=["sdqueue_worker.tasks", "sdqueue_worker.notify"])
 app.steps["consumer"].add(LeaseKeeper)
+logs.install(settings.log_format, settings.model)
 app.Task.Strategy = "sdqueue_worker.strategy:guarded"  # a malformed message must not stop the worker
 # A result stored while Redis restarts: 10 jittered tries, waits from 0.2 s doubling to a 10 s cap
 # (about 25 s in all on average, at most 53 s) instead of the default 10 ms start (about 5 s),

@@ -26,6 +26,7 @@ from sdqueue.celeryconfig import make_celery
 from sdqueue.errors import JobValidationError
 from sdqueue.names import NOTIFY_TASK
 from sdqueue.webhooks import check_webhook_url, signed_headers
+from sdqueue_worker import logs
 from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.metrics import NOTIFICATIONS
 from sdqueue_worker.settings import get_worker_settings
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 429}
 settings = get_worker_settings()
 app = make_celery(settings, "sdqueue-notifier")
+logs.install(settings.log_format, "")
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Task, signals
 
-from sdqueue.errors import JobCancelled, TransientError
+from sdqueue.errors import PERMANENT_ERRORS, JobCancelled, TransientError
 from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
@@ -78,13 +78,17 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
                 state.running.pop(job_id, None)
 
 
-@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True)
+EXPECTED = (*PERMANENT_ERRORS, JobCancelled)
+"""Refusals and cancels: Celery logs them at INFO ("raised expected"), without a traceback."""
+
+
+@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True, throws=EXPECTED)
 def txt2img(self: Task, **payload: Any) -> dict[str, Any]:
     """Generate images from a prompt; kwargs are the job spec (see docs/job-schema.json)."""
     return run_delivery(self, "txt2img", payload)
 
 
-@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True)
+@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True, throws=EXPECTED)
 def img2img(self: Task, **payload: Any) -> dict[str, Any]:
     """Transform an allow-listed input image; kwargs are the job spec (see docs/job-schema.json)."""
     return run_delivery(self, "img2img", payload)
