@@ -44,6 +44,11 @@ lint: install
 demo: install tiny-model
 	$(PY) -m devstack.demo
 
+# A local stack that stays up until Ctrl-C: Redis, S3 (moto), a tiny-model worker, the notifier,
+# Flower (and `sdqueue serve` where it exists); prints the URLs and the export lines.
+dev: install tiny-model
+	$(PY) -m devstack.dev
+
 schema: install
 	$(PY) -m sdqueue.cli schema > docs/job-schema.json
 

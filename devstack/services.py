@@ -214,3 +214,32 @@ class NotifierProcess(WorkerProcess):
 
     def __init__(self, logdir: Path, env: dict[str, str], name: str = "notifier") -> None:
         super().__init__(logdir, {k: v for k, v in env.items() if k != "SDQ_METRICS_PORT"}, name)
+
+
+class FlowerProcess(Service):
+    """Flower (``celery -A sdqueue.app flower``) on loopback, watching the stack's broker."""
+
+    def __init__(self, logdir: Path, env: dict[str, str], port: int | None = None) -> None:
+        super().__init__("flower", logdir)
+        self.env = dict(env)
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> FlowerProcess:
+        columns = "name,uuid,state,result,received,started,runtime,worker"
+        argv = [sys.executable, "-m", "celery", "-A", "sdqueue.app", "flower"]
+        self._spawn(
+            [*argv, f"--port={self.port}", "--address=127.0.0.1", f"--tasks_columns={columns}"], self.env
+        )
+        wait_for(self._healthy, timeout, "flower")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthcheck", timeout=0.5):
+                return True
+        except Exception:
+            return False
