@@ -148,6 +148,37 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     return run_bulk_command(args, _queue())
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from sdqueue.cleanup import delete_folders, parse_age, plan_cleanup
+    from sdqueue.settings import get_settings
+    from sdqueue.storage import make_s3_client
+
+    settings = get_settings()
+    age = parse_age(args.older_than)
+    bucket = args.bucket or settings.output_bucket
+    prefix = settings.output_prefix if args.prefix is None else args.prefix
+    client = make_s3_client(settings)
+    plan = plan_cleanup(client, bucket, prefix, age)
+    for folder, when in plan.manifest_time.items():
+        print(
+            f"{'delete' if args.yes else 'would delete'} s3://{bucket}/{folder}/ (manifest {when.isoformat()})"
+        )
+    deleted = delete_folders(client, bucket, plan) if args.yes else 0
+    summary = {
+        "bucket": bucket,
+        "prefix": prefix,
+        "older_than": args.older_than,
+        "dry_run": not args.yes,
+        "old_folders": len(plan.old),
+        "objects_deleted": deleted,
+        "objects_to_delete": plan.object_count,
+        "kept_recent": plan.kept_recent,
+        "kept_without_manifest": plan.kept_without_manifest,
+    }
+    _print(summary, stream=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from sdqueue.contract import job_json_schema
 
@@ -368,6 +399,21 @@ def _other_parsers(sub: Any) -> None:
     p.add_argument("--name", help="Celery node name (default: celery@hostname)")
     p.add_argument("--gpus", help="one single-concurrency worker per GPU on this host: 'all' or ids like 0,1")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    p = _parser(
+        sub,
+        "cleanup",
+        cmd_cleanup,
+        "delete job folders older than an age (dry run unless --yes)",
+        "Delete the job folders (<prefix>/<job_id>/: images and manifest) whose manifest is\n"
+        "older than --older-than, for object stores without a lifecycle rule (docs/deploy.md).\n"
+        "Folders without a manifest are kept. Prints the plan; deletes only with --yes.",
+        "examples:\n  sdqueue cleanup --older-than 30d          # dry run: what would go\n"
+        "  sdqueue cleanup --older-than 30d --yes",
+    )
+    p.add_argument("--older-than", dest="older_than", required=True, metavar="AGE", help="30d, 12h, 2w...")
+    p.add_argument("--bucket", help="default SDQ_OUTPUT_BUCKET")
+    p.add_argument("--prefix", help="default SDQ_OUTPUT_PREFIX (outputs)")
+    p.add_argument("--yes", action="store_true", help="delete (without it: dry run)")
     p = _parser(
         sub,
         "notifier",
