@@ -91,12 +91,18 @@ class RedisServer(Service):
     """A real redis-server on a free port; with ``appendonly`` it survives restarts."""
 
     def __init__(
-        self, logdir: Path, appendonly: bool = False, port: int | None = None, password: str | None = None
+        self,
+        logdir: Path,
+        appendonly: bool = False,
+        port: int | None = None,
+        password: str | None = None,
+        replica_of: int | None = None,
     ) -> None:
         super().__init__(f"redis-{port or 'x'}", logdir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
+        self.replica_of = replica_of
         self.datadir = Path(tempfile.mkdtemp(prefix="sdq-redis-", dir=logdir))
 
     @property
@@ -127,6 +133,8 @@ class RedisServer(Service):
         ]
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.replica_of:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self._spawn(argv)
         wait_for(lambda: port_open(self.port), 10, "redis-server")
         return self
@@ -243,3 +251,33 @@ class FlowerProcess(Service):
                 return True
         except Exception:
             return False
+
+
+class SentinelServer(Service):
+    """``redis-server --sentinel`` on a free port, monitoring ``master_name`` at ``master_port``."""
+
+    def __init__(
+        self, logdir: Path, master_port: int, master_name: str = "mymaster", quorum: int = 2
+    ) -> None:
+        self.port = free_port()
+        super().__init__(f"sentinel-{self.port}", logdir)
+        self.config = logdir / f"sentinel-{self.port}.conf"
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {logdir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master_name} 1000\n"
+            f"sentinel failover-timeout {master_name} 5000\n"
+            f"sentinel parallel-syncs {master_name} 1\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    def start(self) -> SentinelServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
+        self._spawn([binary, str(self.config), "--sentinel"])
+        wait_for(lambda: port_open(self.port), 10, "redis sentinel")
+        return self

@@ -47,7 +47,9 @@ _warned: set[str] = set()
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL such as ``redis://:secret@host:6379/0``."""
+    """Hide the password of a URL such as ``redis://:secret@host:6379/0`` (each of a ``;`` list)."""
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -67,7 +69,10 @@ class Settings(BaseSettings):
 
     # --- broker and results -------------------------------------------------------------
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    """Broker and result backend; ``rediss://`` for TLS, ``redis://:password@host`` for auth."""
+    """Broker and result backend; ``rediss://`` for TLS, ``redis://:password@host`` for auth,
+    ``sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379`` for Redis Sentinel."""
+    redis_sentinel_master: str = "mymaster"
+    """Master name the sentinels monitor, used when ``SDQ_REDIS_URL`` is ``sentinel://...`` (HA)."""
     redis_socket_timeout_s: float = 10.0
     """Seconds a Redis read or write may take before it fails (and is retried)."""
     redis_connect_timeout_s: float = 3.0

@@ -14,7 +14,6 @@ from sdqueue.cleanup import parse_age
 from sdqueue.errors import JobValidationError
 from tests.helpers import sdqueue
 
-
 GAP_S = 10
 
 

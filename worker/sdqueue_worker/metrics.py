@@ -108,6 +108,8 @@ for _lane_name in ("interactive", "bulk"):
     RUNNING.labels(_lane_name)
     for _source in ("producer", "worker_received"):
         QUEUE_WAIT.labels(_lane_name, _source)
+_redis: Any = None
+"""The worker's Redis client, set by start_metrics (marks jobs counted)."""
 _received_at: dict[str, float] = {}
 _received_lock = threading.Lock()
 
@@ -199,7 +201,9 @@ def _gpu_max_memory() -> float:
 
 def start_metrics(state: Any) -> int:
     """Serve /metrics for this worker (state: the WorkerState); returns the port."""
+    global _redis
     port = int(state.settings.metrics_port)
+    _redis = state.redis
     MODEL_LOAD.set(state.runtime.load_seconds)
     GPU_MAX_MEMORY.set_function(_gpu_max_memory)
     REGISTRY.register(_GpuThreadCollector(state.executor))
@@ -220,10 +224,10 @@ def _lane(request: Any) -> str:
 
 def _count_job_once(job_id: str) -> bool:
     """True the first time any worker ends this job (best effort: counts if Redis is away)."""
+    if _redis is None:  # metrics not served: nothing reads the count
+        return True
     try:
-        from sdqueue_worker.state import get_state
-
-        return bool(get_state().redis.set(f"{KEY_PREFIX}counted:{job_id}", 1, nx=True, ex=COUNTED_TTL_S))
+        return bool(_redis.set(f"{KEY_PREFIX}counted:{job_id}", 1, nx=True, ex=COUNTED_TTL_S))
     except Exception:
         return True
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import redis
 
 from sdqueue.names import model_loads_key
+from sdqueue.redis_conn import redis_client as connect_redis
 from sdqueue_worker.accel import optimise, use_compile, warm_up
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.guards import SignalPump
@@ -41,13 +42,7 @@ _STATE: WorkerState | None = None
 
 
 def redis_client(settings: WorkerSettings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry_on_timeout=True,
-        health_check_interval=10,
-    )
+    return connect_redis(settings, retry_on_timeout=True, health_check_interval=10)
 
 
 def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
