@@ -43,11 +43,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sdqueue.names import BULK_QUEUE, INTERACTIVE_QUEUE, KEY_PREFIX, NOTIFY_QUEUE
-from sdqueue_worker.outcomes import FINAL, JOB_TASKS, outcome_of
+from sdqueue.states import JobState
+from sdqueue_worker.outcomes import JOB_TASKS, outcome_of
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("succeeded", "failed", "cancelled", "retried")
+OUTCOME_LABELS = {
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+    JobState.RETRYING: "retried",
+}
+"""The ``outcome`` label for each way a delivery ends (jobs_total has the final three only)."""
+FINAL_LABELS = ("succeeded", "failed", "cancelled")
 LANE_OF_QUEUE = {INTERACTIVE_QUEUE: "interactive", BULK_QUEUE: "bulk", NOTIFY_QUEUE: "notify"}
 COUNTED_TTL_S = 7 * 24 * 3600
 AT_START_METRICS = (
@@ -98,9 +106,9 @@ NOTIFICATIONS = Counter(
 )
 
 for _mode in JOB_TASKS.values():
-    for _outcome in OUTCOMES:
+    for _outcome in OUTCOME_LABELS.values():
         DELIVERIES.labels(_mode, _outcome)
-        if _outcome in FINAL:
+        if _outcome in FINAL_LABELS:
             JOBS.labels(_mode, _outcome)
 for _phase in PHASES.values():
     DURATION.labels(_phase)
@@ -272,10 +280,12 @@ def _count_delivery(
     if task is not None:
         RUNNING.labels(_lane(task.request)).dec()
     outcome = outcome_of(state or "", retval)
-    if outcome:
-        DELIVERIES.labels(mode, outcome).inc()
-    if outcome in FINAL and _count_job_once(str(task_id)):
-        JOBS.labels(mode, outcome).inc()
+    if outcome is None:
+        return
+    label = OUTCOME_LABELS[outcome]
+    DELIVERIES.labels(mode, label).inc()
+    if label in FINAL_LABELS and _count_job_once(str(task_id)):
+        JOBS.labels(mode, label).inc()
 
 
 @signals.task_revoked.connect

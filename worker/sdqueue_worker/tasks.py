@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task, signals
@@ -11,24 +10,10 @@ from sdqueue.errors import PERMANENT_ERRORS, JobCancelled, TransientError
 from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
-from sdqueue_worker.events import ProgressPublisher
-from sdqueue_worker.guards import StepSignals, count_delivery, run_lease
+from sdqueue_worker.guards import count_delivery, run_lease
 from sdqueue_worker.jobs import JobContext, validate_payload
+from sdqueue_worker.progress import StepSignals
 from sdqueue_worker.state import get_state
-
-_publisher: ProgressPublisher | None = None
-
-
-def _publisher_of_worker() -> ProgressPublisher:
-    global _publisher
-    if _publisher is None:
-        _publisher = ProgressPublisher(app, get_state().hostname)
-    return _publisher
-
-
-def _publish(job_id: str):  # type: ignore[no-untyped-def]
-    publisher, started_at = _publisher_of_worker(), time.time()
-    return lambda body: publisher.publish(job_id, body, started_at)
 
 
 def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
@@ -39,7 +24,7 @@ def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
         is_cancelled=signals.cancelled,
-        maybe_done=bool((task.request.delivery_info or {}).get("redelivered")) or bool(task.request.retries),
+        maybe_done=True,  # also a fresh message: a resubmit after the result TTL must not regenerate
     )
 
 
@@ -60,7 +45,7 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
         with state.lock:
             state.running[job_id] = token
         try:
-            signals = state.signals.open(StepSignals(state.redis, job_id, _publish(job_id)))
+            signals = state.signals.open(job_id)
             try:
                 return state.runner.run(job, _context(task, job_id, signals))
             finally:
@@ -94,7 +79,30 @@ def img2img(self: Task, **payload: Any) -> dict[str, Any]:
     return run_delivery(self, "img2img", payload)
 
 
+def _publisher() -> Any:
+    try:
+        return get_state().publisher
+    except RuntimeError:  # not inside a started worker
+        return None
+
+
+@signals.task_prerun.connect
+def _job_started(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    publisher = _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK) else None
+    if publisher is not None:
+        publisher.job_started(str(task_id))
+
+
+@signals.task_postrun.connect
+def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    publisher = _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK) else None
+    if publisher is not None:
+        publisher.job_ended(str(task_id))
+
+
 @signals.task_failure.connect
 def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
-    if isinstance(exception, JobCancelled) and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK):
-        _publisher_of_worker().cancelled(str(task_id), exception.reason)
+    """A cancelled job's reason, as the Result Flower shows beside its FAILURE state."""
+    publisher = _publisher() if isinstance(exception, JobCancelled) else None
+    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK):
+        publisher.cancelled(str(task_id), exception.reason)
