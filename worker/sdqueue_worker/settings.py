@@ -28,12 +28,20 @@ class WorkerSettings(Settings):
     model_revision: str | None = None
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    """auto: bfloat16 on a GPU that supports it (faster, and SDXL's VAE needs no fp32 upcast), else
+    float16 on a GPU, float32 on the CPU."""
     gpu_memory_fraction: float | None = Field(default=None, gt=0, le=1)
     """Cap this worker's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
     compile: bool = False
     """torch.compile the UNet and VAE decoder with CUDA graphs (GPU only)."""
     compile_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8])
     compile_cache_dir: str | None = None
+    compile_vae: bool = True
+    """With ``compile`` on, also compile the VAE decoder (fused GroupNorm/SiLU; no CUDA graphs)."""
+    attention: Literal["auto", "default", "flash", "cudnn", "efficient"] = "auto"
+    """SDPA backend put first on the GPU; auto times each on the UNet's own shapes at start-up."""
+    fp8: bool = False
+    """Opt-in FP8 UNet (torchao float8 on the linear layers, bfloat16 only): faster, not identical."""
     warmup: bool = True
 
     # --- worker behaviour ------------------------------------------------------------------
