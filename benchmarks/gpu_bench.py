@@ -2,12 +2,12 @@
 
     python -m benchmarks.gpu_bench --only sd15 --out DIR     # on the GPU machine, one part per call
     python -m benchmarks.gpu_bench --only sdxl --out DIR
-    python -m benchmarks.gpu_bench --only fp8 --out DIR      # also: sdxl-fp8
+    python -m benchmarks.gpu_bench --only fp8 --out DIR      # also: sdxl-fp8, steady, fp8-eager
     python -m benchmarks.gpu_bench --smoke                   # CPU dry run of every part, tiny models
     python -m benchmarks.report benchmarks/results/raw/*.json  # merge parts: JSON + table + plot
 
 Each part writes ``<out>/<part>.json`` (raw, as measured) and merges into
-``<out>/<gpu>-<date>.json``. Workloads: SD 1.5 512x512, 50 steps; SDXL 1024x1024, 30 steps;
+``<report>/<gpu>-<date>.json`` (+ .md, .png); parts are described in docs/performance.md. Workloads: SD 1.5 512x512, 50 steps; SDXL 1024x1024, 30 steps;
 guidance 7.5, Euler, random-weight models at full architecture (timing does not depend on the
 weight values; no image-quality claim is possible). The do-it-yourself baseline (benchmarks/diy.py)
 runs at the worker's batch in the same run, after the worker, with the GPU otherwise idle.

@@ -37,6 +37,7 @@ def test_cuda_worker_runs_bf16_with_shared_modules(gpu_worker, gpu_env, s3) -> N
     result = queue.submit(Txt2ImgJob(prompt="gpu", width=64, height=64, steps=4, seed=1)).wait(timeout=120)
     manifest = manifest_of(s3, result)
     assert manifest["model"]["device"] == "cuda" and manifest["model"]["dtype"] == "bfloat16"
+    assert manifest["model"]["fp8_unet"] is False  # FP8 is opt-in
 
 
 def test_real_cuda_out_of_memory_fails_alone_and_the_worker_keeps_serving(gpu_worker, gpu_env) -> None:  # type: ignore[no-untyped-def]
