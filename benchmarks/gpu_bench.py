@@ -8,8 +8,9 @@
 
 Each part writes ``<out>/<part>.json`` (raw, as measured) and merges into
 ``<report>/<gpu>-<date>.json`` (+ .md, .png); parts are described in docs/performance.md.
-Workloads: SD 1.5 512x512, 50 steps; SDXL 1024x1024, 30 steps; guidance 7.5, Euler, random-weight models at full architecture (timing does not depend on the
-weight values; no image-quality claim is possible). The do-it-yourself baseline (benchmarks/diy.py)
+Workloads: SD 1.5 512x512, 50 steps; SDXL 1024x1024, 30 steps; guidance 7.5, Euler,
+random-weight models at full architecture (timing does not depend on the weight values; no
+image-quality claim is possible). The do-it-yourself baseline (benchmarks/diy.py)
 runs at the worker's batch in the same run, after the worker, with the GPU otherwise idle.
 """
 
