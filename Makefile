@@ -68,9 +68,10 @@ bench-queue: install tiny-model
 bench-server: install
 	$(PY) -m benchmarks.server_load
 
-# On a GPU machine (results land in benchmarks/results/; see benchmarks/gpu_bench.py).
+# On a GPU machine: raw parts in benchmarks/results/raw/, merged JSON + table + plot in
+# benchmarks/results/ (see benchmarks/gpu_bench.py and docs/performance.md).
 bench-gpu: install
-	$(PY) -m benchmarks.gpu_bench --out benchmarks/results
+	$(PY) -m benchmarks.gpu_bench --only sd15 --only sdxl --only fp8
 
 clean:
 	rm -rf $(VENV) .cache demo-output

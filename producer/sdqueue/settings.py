@@ -28,7 +28,8 @@ WORKER_ONLY_NAMES = frozenset(
         "max_retries", "retry_backoff_s", "retry_backoff_max_s", "progress_interval_s",
         "heartbeat_file", "ready_file", "metrics_port", "metrics_addr", "webhook_secret",
         "webhook_max_attempts", "webhook_backoff_s", "webhook_backoff_max_s", "webhook_timeout_s",
-        "notify_concurrency", "log_format", "accept_volatile_broker", "result_tracebacks",
+        "notify_concurrency", "log_format", "accept_volatile_broker", "result_tracebacks", "attention",
+        "compile_vae", "fp8",
     }
 )  # fmt: skip
 """Fields of ``sdqueue_worker.settings.WorkerSettings`` (a unit test keeps this list equal to them),

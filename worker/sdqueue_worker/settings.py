@@ -34,7 +34,8 @@ class WorkerSettings(Settings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """``auto``: CUDA when available, else CPU."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    """``auto``: float16 on CUDA, float32 on CPU."""
+    """auto: bfloat16 on a GPU that supports it (faster, and SDXL's VAE needs no fp32 upcast), else
+    float16 on a GPU, float32 on the CPU."""
     gpu_memory_fraction: float | None = Field(default=None, gt=0, le=1)
     """Cap this worker's share of GPU memory (torch.cuda.set_per_process_memory_fraction)."""
     compile: bool = False
@@ -42,7 +43,12 @@ class WorkerSettings(Settings):
     compile_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8])
     """Batch sizes compiled at warm-up with SDQ_COMPILE; other batches are padded up to one."""
     compile_cache_dir: str | None = None
-    """Where torch.compile keeps its caches (a volume, so restarts skip compiling)."""
+    compile_vae: bool = True
+    """With ``compile`` on, also compile the VAE decoder (fused GroupNorm/SiLU; no CUDA graphs)."""
+    attention: Literal["auto", "default", "flash", "cudnn", "efficient"] = "auto"
+    """SDPA backend put first on the GPU; auto times each on the UNet's own shapes at start-up."""
+    fp8: bool = False
+    """Opt-in FP8 UNet (torchao float8 on the linear layers, bfloat16 only): faster, not identical."""
     warmup: bool = True
     """Run one tiny generation at start, before the worker takes jobs."""
 
