@@ -77,7 +77,7 @@ class BulkJob:
 
     def kwargs_json(self) -> str:
         """The task kwargs as JSON, as ``publish_job`` sends them (the job id included)."""
-        kwargs = self.spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+        kwargs = self.spec.model_dump(mode="json", exclude_none=True)
         kwargs["job_id"] = self.job_id
         return json.dumps(kwargs)
 

@@ -191,6 +191,37 @@ def cmd_download(args: argparse.Namespace) -> int:
     return download_command(_queue(), args.report, args.dir, args.silent, max(1, args.workers))
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from sdqueue.cleanup import delete_folders, parse_age, plan_cleanup
+    from sdqueue.settings import get_settings
+    from sdqueue.storage import make_s3_client
+
+    settings = get_settings()
+    age = parse_age(args.older_than)
+    bucket = args.bucket or settings.output_bucket
+    prefix = settings.output_prefix if args.prefix is None else args.prefix
+    client = make_s3_client(settings)
+    plan = plan_cleanup(client, bucket, prefix, age)
+    for folder, when in plan.manifest_time.items():
+        print(
+            f"{'delete' if args.yes else 'would delete'} s3://{bucket}/{folder}/ (manifest {when.isoformat()})"
+        )
+    deleted = delete_folders(client, bucket, plan) if args.yes else 0
+    summary = {
+        "bucket": bucket,
+        "prefix": prefix,
+        "older_than": args.older_than,
+        "dry_run": not args.yes,
+        "old_folders": len(plan.old),
+        "objects_deleted": deleted,
+        "objects_to_delete": plan.object_count,
+        "kept_recent": plan.kept_recent,
+        "kept_without_manifest": plan.kept_without_manifest,
+    }
+    _print(summary, stream=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from sdqueue.contract import job_json_schema
 
@@ -257,6 +288,11 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     return int(_worker_side("sdqueue_worker.launch").run_worker(args.gpus, args.name, args.loglevel))
+
+
+def cmd_notifier(args: argparse.Namespace) -> int:
+    launch = _worker_side("sdqueue_worker.launch")
+    return int(launch.run_notifier(args.name, args.loglevel, args.concurrency))
 
 
 def _parser(sub: Any, name: str, func: Handler, help_text: str, description: str, epilog: str = "") -> Any:
@@ -499,7 +535,7 @@ def _other_parsers(sub: Any) -> None:
         cmd_worker,
         "run one GPU worker (settings from SDQ_* environment)",
         "Run the Celery worker for one GPU: threads pool, prefetch 1, task events on,\n"
-        "queues sdqueue.notify, sdqueue.interactive, sdqueue.bulk (in that order).\n"
+        "queues sdqueue.interactive, sdqueue.bulk (in that order; webhooks: sdqueue notifier).\n"
         "The model (SDQ_MODEL) loads once at start; SDQ_METRICS_PORT serves Prometheus metrics.",
         "example:\n  SDQ_MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5 SDQ_METRICS_PORT=9808 \\\n"
         "    sdqueue worker --name gpu0@$(hostname)",
@@ -532,6 +568,34 @@ def _other_parsers(sub: Any) -> None:
     )
     p.add_argument("name", help="tenant name: lowercase letters, digits and '-' (1-32)")
     p.add_argument("--lane", choices=["interactive", "bulk"], help="bind the key to one lane")
+    p = _parser(
+        sub,
+        "cleanup",
+        cmd_cleanup,
+        "delete job folders older than an age (dry run unless --yes)",
+        "Delete the job folders (<prefix>/<job_id>/: images and manifest) whose manifest is\n"
+        "older than --older-than, for object stores without a lifecycle rule (docs/deploy.md).\n"
+        "Folders without a manifest are kept. Prints the plan; deletes only with --yes.",
+        "examples:\n  sdqueue cleanup --older-than 30d          # dry run: what would go\n"
+        "  sdqueue cleanup --older-than 30d --yes",
+    )
+    p.add_argument("--older-than", dest="older_than", required=True, metavar="AGE", help="30d, 12h, 2w...")
+    p.add_argument("--bucket", help="default SDQ_OUTPUT_BUCKET")
+    p.add_argument("--prefix", help="default SDQ_OUTPUT_PREFIX (outputs)")
+    p.add_argument("--yes", action="store_true", help="delete (without it: dry run)")
+    p = _parser(
+        sub,
+        "notifier",
+        cmd_notifier,
+        "deliver webhooks (CPU only, queue sdqueue.notify)",
+        "Run the webhook notifier: a CPU-only Celery worker consuming sdqueue.notify, so slow\n"
+        "webhook receivers never hold a GPU job slot. Needs SDQ_WEBHOOK_SECRET and\n"
+        "SDQ_WEBHOOK_HOSTS like the worker; never loads the model.",
+        "example:\n  SDQ_WEBHOOK_SECRET=whsec_... sdqueue notifier --name notifier@$(hostname)",
+    )
+    p.add_argument("--name", help="Celery node name (default: celery@hostname)")
+    p.add_argument("--concurrency", type=int, help="deliveries at once (default SDQ_NOTIFY_CONCURRENCY, 8)")
+    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     _parser(
         sub,
         "schema",

@@ -39,6 +39,7 @@ from sdqueue.errors import (
 from sdqueue.locations import ObjectRef, job_folder, manifest_ref
 from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, progress_key
 from sdqueue.policy import check_job
+from sdqueue.redis_conn import redis_client
 from sdqueue.settings import Settings, get_settings
 from sdqueue.states import JobState, state_of
 from sdqueue.uploads import check_size, inspect_image
@@ -156,12 +157,7 @@ class SdQueue:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.celery = make_celery(self.settings, "sdqueue-producer")
-        self.redis = redis.Redis.from_url(
-            self.settings.redis_url.get_secret_value(),
-            socket_timeout=self.settings.redis_socket_timeout_s,
-            socket_connect_timeout=self.settings.redis_connect_timeout_s,
-            decode_responses=True,
-        )
+        self.redis = redis_client(self.settings, decode_responses=True)
         self._storage: Any = None
 
     def validate(self, job: Job | dict[str, Any]) -> Job:

@@ -28,8 +28,28 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 DEFAULT_TOLERANCE_S = 300
 
 
+def check_secret(secret: str) -> bytes:
+    """The key of a Standard Webhooks secret, ``whsec_`` + base64 of 24-64 bytes; ValueError otherwise.
+
+    The worker refuses other secrets at start (SDQ_WEBHOOK_SECRET): a receiver using a Standard
+    Webhooks library base64-decodes the secret, so a plain-text one could never verify there.
+    """
+    if not secret.startswith("whsec_"):
+        raise ValueError(
+            "a webhook secret must start with whsec_ (generate one: echo whsec_$(openssl rand -base64 32))"
+        )
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raise ValueError("a webhook secret is whsec_ followed by base64; this one is not base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError(f"a webhook secret must hold 24 to 64 bytes once decoded, not {len(key)}")
+    return key
+
+
 def secret_bytes(secret: str) -> bytes:
-    """The HMAC key: ``whsec_<base64>`` secrets are decoded, anything else is used as UTF-8."""
+    """The HMAC key: ``whsec_<base64>`` secrets are decoded, anything else is used as UTF-8 (accepted
+    by :func:`verify` for receivers of old plain-text setups; the worker signs only with whsec_)."""
     if secret.startswith("whsec_"):
         return base64.b64decode(secret.removeprefix("whsec_"))
     return secret.encode()

@@ -104,6 +104,8 @@ def runner() -> JobRunner:
         schedulers={"default": SimpleNamespace(), "euler": Image.new("RGB", (1, 1))},
         versions={"torch": "x"},
         load_count=1,
+        fp8_layers=0,
+        attention="sdpa",
     )
     return JobRunner(SETTINGS, runtime, InstantGpu(), MemoryStorage(), hostname="host-1")  # type: ignore[arg-type]
 
@@ -150,6 +152,8 @@ def test_a_job_is_stored_then_committed_by_its_manifest() -> None:
         "device": "cpu",
         "pipeline": "PipelineThatRan",
         "scheduler": "Image",
+        "fp8_unet": False,
+        "attention": "sdpa",
     }
     assert (manifest["job_id"], manifest["mode"], manifest["seeds"], manifest["input"]) == (
         "j1",

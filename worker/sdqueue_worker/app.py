@@ -21,6 +21,7 @@ from celery import signals
 
 from sdqueue.celeryconfig import make_celery
 from sdqueue.errors import StartupError
+from sdqueue_worker import logs
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.settings import get_worker_settings
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 settings = get_worker_settings()
 app = make_celery(settings, "sdqueue-worker", include=["sdqueue_worker.tasks", "sdqueue_worker.notify"])
 app.steps["consumer"].add(LeaseKeeper)
+logs.install(settings.log_format, settings.model)
 app.Task.Strategy = "sdqueue_worker.strategy:guarded"  # a malformed message must not stop the worker
 app.conf.worker_consumer = "sdqueue_worker.consumer:Consumer"  # every message gets a final result
 app.conf.worker_pool = "sdqueue_worker.pool:TaskPool"  # threads, with revoke(terminate=True) honoured

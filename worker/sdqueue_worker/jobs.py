@@ -172,6 +172,8 @@ class JobRunner:
                 "device": runtime.device.type,
                 "pipeline": pipeline,  # what run_batch called, not a lookup beside it
                 "scheduler": type(runtime.schedulers[job.scheduler]).__name__,
+                "fp8_unet": runtime.fp8_layers > 0,  # FP8 outputs differ from 16-bit ones
+                "attention": runtime.attention,
             },
             "versions": runtime.versions,
             "timings": timings,

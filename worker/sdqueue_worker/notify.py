@@ -5,12 +5,10 @@ never on a retry), the worker sends the data ``{job_id, state, result | error}``
 
 * to ``callback_task`` on ``callback_queue`` (default ``celery``): a task of the web backend's
   own Celery worker, called with those keys as keyword arguments;
-* to ``webhook_url`` through the ``sdqueue.notify`` task on its own queue. That task POSTs the
-  body signed per Standard Webhooks (see sdqueue.webhooks) and retries with exponential backoff
-  (SDQ_WEBHOOK_MAX_ATTEMPTS tries). Retries wait in Redis as messages, so they survive a worker
-  restart, and the GPU thread never waits on a slow receiver. Only 5xx, 408, 429 and network
-  errors are retried (after ``Retry-After`` seconds if the receiver asks for longer); other
-  answers are final. Redirects are not followed.
+* to ``webhook_url`` through the ``sdqueue.notify`` task on its own queue. The GPU worker only
+  publishes that message; ``sdqueue notifier`` (sdqueue_worker.notifier, a CPU-only Celery worker
+  that never loads the model) consumes it and POSTs the signed body, so a slow receiver never
+  holds a GPU job slot.
 
 Notifications are built from the checked work item (sdqueue_worker.work), so a message the worker
 refused announces nothing. A job announces one final outcome: the first delivery to end claims
@@ -22,20 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
-from celery import Task, signals
+from celery import signals
 
 from sdqueue.errors import JobCancelled, JobValidationError
 from sdqueue.names import NOTIFY_QUEUE, NOTIFY_TASK, notified_key
 from sdqueue.states import JobState
-from sdqueue.webhooks import check_webhook_url, service_netlocs, signed_headers, webhook_id
+from sdqueue.webhooks import webhook_id
 from sdqueue_worker.app import app
-from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.guards import DAY
 from sdqueue_worker.metrics import NOTIFICATIONS
 from sdqueue_worker.outcomes import JOB_TASKS
@@ -44,15 +39,6 @@ from sdqueue_worker.state import get_state
 from sdqueue_worker.work import Callbacks, WorkItem, parse_message
 
 log = logging.getLogger(__name__)
-RETRYABLE_STATUS = {408, 429}
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a 3xx answer becomes an HTTPError: never follow it to another host
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
 
 
 def notification_data(job_id: str, state: JobState, retval: Any) -> dict[str, Any]:
@@ -113,63 +99,6 @@ def announce(item: WorkItem, state: JobState, retval: Any) -> None:
     """Notify a job's end once, from the checked item (never from raw kwargs)."""
     if item.callbacks and first_outcome(item.job_id):
         send_notifications(item.callbacks, notification_data(item.job_id, state, retval))
-
-
-def _post(url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> tuple[int, float]:
-    """POST once; returns the status and the Retry-After seconds the receiver asked for (or 0)."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
-            return int(response.status), 0.0
-    except urllib.error.HTTPError as exc:
-        retry_after = str(exc.headers.get("Retry-After", "") if exc.headers else "")
-        return int(exc.code), float(retry_after) if retry_after.strip().isdigit() else 0.0
-
-
-def _retry_delay(attempt: int, asked_s: float) -> float:
-    """Exponential backoff with jitter, or the receiver's Retry-After if longer (both capped)."""
-    settings = get_worker_settings()
-    backoff = backoff_s(attempt, settings.webhook_backoff_s, settings.webhook_backoff_max_s)
-    return max(backoff, min(asked_s, settings.webhook_backoff_max_s))
-
-
-@app.task(bind=True, name=NOTIFY_TASK, ignore_result=True, acks_late=True)
-def deliver_webhook(self: Task, url: str, body: str, msg_id: str) -> int:
-    """POST one signed webhook; retried with exponential backoff on 5xx, 408, 429 and network errors."""
-    settings = get_worker_settings()
-    try:
-        check_webhook_url(
-            url, settings.webhook_hosts, service_netlocs([settings.redis_url.get_secret_value()])
-        )
-    except JobValidationError as exc:
-        NOTIFICATIONS.labels("webhook", "refused").inc()
-        log.error("webhook %s not sent: %s", msg_id, exc)
-        return 0
-    if settings.webhook_secret is None:
-        NOTIFICATIONS.labels("webhook", "refused").inc()
-        log.error("webhook %s not sent: set SDQ_WEBHOOK_SECRET (webhooks are always signed)", msg_id)
-        return 0
-    payload = body.encode()
-    headers = signed_headers(settings.webhook_secret.get_secret_value(), msg_id, payload)
-    try:
-        status, asked_s = _post(url, payload, headers, settings.webhook_timeout_s)
-        reason = f"HTTP {status}"
-    except (urllib.error.URLError, OSError) as exc:
-        status, asked_s, reason = 0, 0.0, f"{type(exc).__name__}: {exc}"
-    if 200 <= status < 300:
-        NOTIFICATIONS.labels("webhook", "sent").inc()
-        return status
-    attempt = int(self.request.retries or 0)
-    retryable = status == 0 or status >= 500 or status in RETRYABLE_STATUS
-    if retryable and attempt + 1 < settings.webhook_max_attempts:
-        NOTIFICATIONS.labels("webhook", "retried").inc()
-        log.warning("webhook %s to %s: %s; retry %d", msg_id, url, reason, attempt + 1)
-        raise self.retry(
-            countdown=_retry_delay(attempt, asked_s), max_retries=settings.webhook_max_attempts - 1
-        )
-    NOTIFICATIONS.labels("webhook", "failed").inc()
-    log.error("webhook %s to %s failed after %d attempt(s): %s", msg_id, url, attempt + 1, reason)
-    return status
 
 
 @signals.task_revoked.connect

@@ -12,6 +12,7 @@ from celery import Celery
 
 from sdqueue.errors import StartupError
 from sdqueue.names import model_loads_key
+from sdqueue.redis_conn import redis_client as connect_redis
 from sdqueue_worker.accel import optimise, use_compile, warm_up
 from sdqueue_worker.checks import check_startup
 from sdqueue_worker.executor import GpuExecutor
@@ -40,19 +41,15 @@ class WorkerState:
     running: dict[str, str] = field(default_factory=dict)
     """job id -> run-lease token of the jobs this process is running now."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    publisher: ProgressPublisher | None = None
+    """Sends progress and cancel reasons as Celery events (None without a Celery app)."""
 
 
 _STATE: WorkerState | None = None
 
 
 def redis_client(settings: WorkerSettings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry_on_timeout=True,
-        health_check_interval=10,
-    )
+    return connect_redis(settings, retry_on_timeout=True, health_check_interval=10)
 
 
 def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = None) -> WorkerState:
@@ -89,6 +86,7 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
         client,
         JobRunner(settings, runtime, executor, storage, hostname),
         SignalPump(client, settings.progress_interval_s, publisher.publish if publisher else None).start(),
+        publisher=publisher,
     )
     return _STATE
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import Retry
 from celery.worker import state as worker_state
 
-from sdqueue.errors import JobCancelled, TransientError
+from sdqueue.errors import PERMANENT_ERRORS, JobCancelled, StartupError, TransientError
 from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
 from sdqueue.states import JobState
 from sdqueue_worker.app import app
@@ -96,13 +96,46 @@ def _run(task: Task, item: WorkItem, state: WorkerState) -> dict[str, Any]:
                 state.running.pop(job_id, None)
 
 
-@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True)
+EXPECTED = (*PERMANENT_ERRORS, JobCancelled)
+"""Refusals and cancels: Celery logs them at INFO ("raised expected"), without a traceback."""
+
+
+@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True, throws=EXPECTED)
 def txt2img(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
     """Generate images from a prompt; kwargs are the job spec (see docs/job-schema.json)."""
     return run_delivery(self, args, payload)
 
 
-@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True)
+@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True, throws=EXPECTED)
 def img2img(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
     """Transform an allow-listed input image; kwargs are the job spec (see docs/job-schema.json)."""
     return run_delivery(self, args, payload)
+
+
+def _publisher() -> Any:
+    try:
+        return get_state().publisher
+    except StartupError:  # not inside a started worker
+        return None
+
+
+@signals.task_prerun.connect
+def _job_started(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    publisher = _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK) else None
+    if publisher is not None:
+        publisher.job_started(str(task_id))
+
+
+@signals.task_postrun.connect
+def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    publisher = _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK) else None
+    if publisher is not None:
+        publisher.job_ended(str(task_id))
+
+
+@signals.task_failure.connect
+def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+    """A cancelled job's reason, as the Result Flower shows beside its FAILURE state."""
+    publisher = _publisher() if isinstance(exception, JobCancelled) else None
+    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK):
+        publisher.cancelled(str(task_id), exception.reason)

@@ -80,7 +80,7 @@ return {1, 0}
 
 def envelope(app: Any, job_id: str, spec: Job, queue_name: str) -> str:
     """The Redis list entry kombu would write for this job (see the module docstring)."""
-    payload = spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+    payload = spec.model_dump(mode="json", exclude_none=True)
     headers, properties, body, _ = app.amqp.create_task_message(
         job_id,
         TASK_FOR_MODE[spec.mode],
