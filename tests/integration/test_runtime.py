@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoPipelineForImage2Image
 
 from sdqueue import Img2ImgJob, Txt2ImgJob
+from sdqueue.errors import StartupError
 from sdqueue.locations import ObjectRef
 from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK
 from sdqueue_worker.executor import GpuExecutor
@@ -117,10 +118,10 @@ def test_every_mode_calls_the_modules_loaded_once(runtime: Runtime, settings: Wo
 def test_check_shared_refuses_a_copied_module(runtime: Runtime, settings: WorkerSettings) -> None:
     copy = AutoPipelineForImage2Image.from_pretrained(settings.model, safety_checker=None)
     check_shared(runtime.txt2img, runtime.img2img, runtime.dtype)  # the real pair passes
-    with pytest.raises(RuntimeError, match="does not share unet"):
+    with pytest.raises(StartupError, match="does not share unet"):
         check_shared(runtime.txt2img, copy, runtime.dtype)
     copy.unet = runtime.txt2img.unet
-    with pytest.raises(RuntimeError, match="does not share vae"):
+    with pytest.raises(StartupError, match="does not share vae"):
         check_shared(runtime.txt2img, copy, runtime.dtype)
 
 
