@@ -8,6 +8,7 @@ visibility timeout and a 10 s job time limit, and a webhook receiver that counts
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -81,7 +82,7 @@ def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str, hooks: Hooks
         job_time_limit_s=TIME_LIMIT,
         progress_interval_s=0.1,
         webhook_hosts=f"127.0.0.1:{hooks.port}",
-        webhook_secret="test-secret",
+        webhook_secret="whsec_" + base64.b64encode(b"sdqueue-test-secret-0123456789").decode(),
     )
     env["OMP_NUM_THREADS"] = "1"
     workers = {name: WorkerProcess(logdir, env, name=name) for name in ("pa", "pb")}

@@ -22,6 +22,7 @@ from celery import signals
 from sdqueue.celeryconfig import make_celery
 from sdqueue.errors import StartupError
 from sdqueue_worker import logs
+from sdqueue_worker.backend import backend_url
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.settings import get_worker_settings
@@ -36,7 +37,7 @@ app.Task.Strategy = "sdqueue_worker.strategy:guarded"  # a malformed message mus
 app.conf.worker_consumer = "sdqueue_worker.consumer:Consumer"  # every message gets a final result
 app.conf.worker_pool = "sdqueue_worker.pool:TaskPool"  # threads, with revoke(terminate=True) honoured
 # Failed results without server tracebacks, capped; OOM answers from Redis retried (backend.py).
-app.conf.result_backend = f"sdqueue_worker.backend:WorkerRedisBackend+{settings.redis_url.get_secret_value()}"
+app.conf.result_backend = backend_url(settings.redis_url.get_secret_value())
 # A result stored while Redis restarts: 10 jittered tries, waits from 0.2 s doubling to a 10 s cap
 # (about 25 s in all on average, at most 53 s) instead of the default 10 ms start (about 5 s),
 # after which a finished job would be reported failed. Worker only: producers should fail fast.

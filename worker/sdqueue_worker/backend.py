@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 import redis
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 
 from sdqueue_worker.settings import get_worker_settings
 
@@ -41,8 +41,8 @@ def _small(value: Any) -> bool:
         return False
 
 
-class WorkerRedisBackend(RedisBackend):  # type: ignore[misc]
-    """RedisBackend with capped errors, no tracebacks for clients, and OOM retries."""
+class _WorkerResults(RedisBackend):  # type: ignore[misc]
+    """Capped errors, no tracebacks for clients, and OOM retries, over a Redis result backend."""
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         return bool(super().exception_safe_to_retry(exc)) or is_oom(exc)
@@ -65,3 +65,17 @@ class WorkerRedisBackend(RedisBackend):  # type: ignore[misc]
             if field in meta and not _small(meta[field]):
                 meta[field] = None
         return meta
+
+
+class WorkerRedisBackend(_WorkerResults, RedisBackend):  # type: ignore[misc]
+    """The worker's result backend on a plain ``redis://``/``rediss://`` URL."""
+
+
+class WorkerSentinelBackend(_WorkerResults, SentinelBackend):  # type: ignore[misc]
+    """The worker's result backend on a ``sentinel://`` URL (Redis high availability)."""
+
+
+def backend_url(redis_url: str) -> str:
+    """The ``result_backend`` setting naming the worker's backend class for this Redis URL."""
+    cls = "WorkerSentinelBackend" if redis_url.startswith("sentinel://") else "WorkerRedisBackend"
+    return f"sdqueue_worker.backend:{cls}+{redis_url}"
