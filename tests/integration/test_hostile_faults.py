@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import redis
 
-from devstack.services import MotoServer, RedisServer, WorkerProcess, stack_env, wait_for
+from devstack.services import MotoServer, NotifierProcess, RedisServer, WorkerProcess, stack_env, wait_for
 from sdqueue import SdQueue, Txt2ImgJob
 from tests.helpers import settings_from
 
@@ -86,6 +86,7 @@ def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str, hooks: Hooks
     )
     env["OMP_NUM_THREADS"] = "1"
     workers = {name: WorkerProcess(logdir, env, name=name) for name in ("pa", "pb")}
+    notifier = NotifierProcess(logdir, env, name="hostile-notifier").start()  # webhooks leave from here
     try:
         yield {
             "redis": server,
@@ -95,6 +96,7 @@ def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str, hooks: Hooks
             "s3": s3,
         }
     finally:
+        notifier.stop()
         for process in workers.values():
             if process.alive():
                 process.signal(signal.SIGCONT)
