@@ -1,7 +1,7 @@
 """sdqueue producer: the job contract and the client. Never imports torch."""
 
 from sdqueue.client import ImageResult, JobHandle, JobResult, SdQueue
-from sdqueue.contract import Img2ImgJob, OutputLocation, Txt2ImgJob, parse_job
+from sdqueue.contract import Img2ImgJob, InpaintJob, LoraRef, OutputLocation, Txt2ImgJob, parse_job
 from sdqueue.errors import (
     BrokerUnavailable,
     GenerationError,
@@ -21,6 +21,7 @@ __all__ = [
     "GenerationError",
     "ImageResult",
     "Img2ImgJob",
+    "InpaintJob",
     "InputImageError",
     "JobCancelled",
     "JobFailed",
@@ -28,6 +29,7 @@ __all__ = [
     "JobIdConflict",
     "JobResult",
     "JobValidationError",
+    "LoraRef",
     "OutputLocation",
     "SdQueue",
     "SdqError",

@@ -23,7 +23,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from sdqueue.celeryconfig import make_celery
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob, parse_job, spec_fingerprint
+from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob, Txt2ImgJob, parse_job, spec_fingerprint
 from sdqueue.errors import (
     BrokerUnavailable,
     JobCancelled,
@@ -37,7 +37,7 @@ from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_k
 from sdqueue.settings import Settings, get_settings
 from sdqueue.webhooks import check_webhook_url
 
-Job = Txt2ImgJob | Img2ImgJob
+Job = AnyJob
 Lane = Literal["interactive", "bulk"]
 STATES = {
     "PENDING": "queued",
@@ -143,6 +143,8 @@ class SdQueue:
         spec = parse_job(job.model_dump(mode="json") if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else job)
         if isinstance(spec, Img2ImgJob):
             allowed_input(spec.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
+        if isinstance(spec, InpaintJob):
+            allowed_input(spec.mask_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
         if spec.output is not None and spec.output.bucket not in self.settings.allowed_output_buckets:
             raise JobValidationError(f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket")
         if spec.webhook_url is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 TXT2IMG_TASK = "sdqueue.txt2img"
 IMG2IMG_TASK = "sdqueue.img2img"
-TASK_FOR_MODE = {"txt2img": TXT2IMG_TASK, "img2img": IMG2IMG_TASK}
+INPAINT_TASK = "sdqueue.inpaint"
+TASK_FOR_MODE = {"txt2img": TXT2IMG_TASK, "img2img": IMG2IMG_TASK, "inpaint": INPAINT_TASK}
 
 INTERACTIVE_QUEUE = "sdqueue.interactive"
 BULK_QUEUE = "sdqueue.bulk"

@@ -16,19 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob, derived_seed, parse_job
+from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob, derived_seed, parse_job
 from sdqueue.errors import JobValidationError
 from sdqueue.locations import ObjectRef, allowed_input
 from sdqueue.webhooks import check_webhook_url
 from sdqueue_worker.executor import GpuExecutor
+from sdqueue_worker.formats import encoding_for
 from sdqueue_worker.generation import GenerationRequest, ProgressFn
-from sdqueue_worker.images import decode_input_image, encode_png, fit_to
+from sdqueue_worker.images import decode_input_image, fit_to
+from sdqueue_worker.masks import decode_mask
 from sdqueue_worker.metrics import observe_job
+from sdqueue_worker.prompts import PromptCounter
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
 
-Job = Txt2ImgJob | Img2ImgJob
+Job = AnyJob
 
 
 @dataclass
@@ -61,6 +64,8 @@ def validate_payload(mode: str, payload: dict[str, Any], job_id: str, settings: 
         )
     if isinstance(job, Img2ImgJob):
         allowed_input(job.image_url, settings.s3_endpoint_url, settings.input_buckets)
+    if isinstance(job, InpaintJob):
+        allowed_input(job.mask_url, settings.s3_endpoint_url, settings.input_buckets)
     if job.webhook_url is not None:
         check_webhook_url(job.webhook_url, settings.webhook_hosts)
     return job
@@ -94,6 +99,7 @@ class JobRunner:
         self.executor = executor
         self.storage = storage
         self.hostname = hostname or socket.gethostname()
+        self.prompts = PromptCounter(runtime.txt2img)
 
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
@@ -104,8 +110,9 @@ class JobRunner:
             return result_from_manifest(existing)
         seeds = job_seeds(job, ctx.job_id)
         timings: dict[str, float] = {}
+        prompt_length = self.prompts.measure(job.prompt, job.negative_prompt)
         with self.executor.preparing():
-            init_image, input_info = self._fetch_input(job, timings)
+            init_image, mask_image, input_info = self._fetch_inputs(job, timings)
             request = self.executor.submit(
                 GenerationRequest(
                     job=job,
@@ -113,6 +120,8 @@ class JobRunner:
                     seeds=seeds,
                     lane_rank=ctx.lane_rank,
                     init_image=init_image,
+                    mask_image=mask_image,
+                    prompt_chunks=prompt_length.chunks,
                     deadline=time.monotonic() + self.settings.job_time_limit_s,
                     on_progress=ctx.on_progress,
                     is_cancelled=ctx.is_cancelled,
@@ -129,6 +138,7 @@ class JobRunner:
         manifest = self._manifest(
             job, ctx.job_id, seeds, images, input_info, timings, batch_size, manifest_ref
         )
+        manifest["prompt"] = prompt_length.describe()
         if not self.storage.put_once(
             manifest_ref, json.dumps(manifest, indent=1).encode(), "application/json", {"job-id": ctx.job_id}
         ):
@@ -136,15 +146,26 @@ class JobRunner:
         observe_job(job.mode, timings, batch_size)
         return result_from_manifest(manifest)
 
-    def _fetch_input(self, job: Job, timings: dict[str, float]) -> tuple[Any, dict[str, str] | None]:
+    def _fetch_inputs(self, job: Job, timings: dict[str, float]) -> tuple[Any, Any, dict[str, Any] | None]:
+        """img2img/inpaint inputs fitted to the job's size: (image, mask or None, manifest info)."""
         if not isinstance(job, Img2ImgJob):
-            return None, None
+            return None, None, None
         began = time.perf_counter()
-        ref = allowed_input(job.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
-        data, etag = self.storage.read_input(ref)
-        image = fit_to(decode_input_image(data, self.settings.max_input_pixels), job.width, job.height)
+        data, info = self._read(job.image_url)
+        image = decode_input_image(data, self.settings.max_input_pixels)
+        mask = None
+        if isinstance(job, InpaintJob):
+            mask_data, info["mask"] = self._read(job.mask_url)
+            mask = fit_to(
+                decode_mask(mask_data, self.settings.max_input_pixels, image.size), job.width, job.height
+            )
         timings["input_fetch_s"] = time.perf_counter() - began
-        return image, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
+        return fit_to(image, job.width, job.height), mask, info
+
+    def _read(self, url: str) -> tuple[bytes, dict[str, Any]]:
+        ref = allowed_input(url, self.settings.s3_endpoint_url, self.settings.input_buckets)
+        data, etag = self.storage.read_input(ref)
+        return data, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _store_images(
         self,
@@ -156,11 +177,12 @@ class JobRunner:
         timings: dict[str, float],
     ) -> list[dict[str, Any]]:
         began = time.perf_counter()
+        encoding = encoding_for(job, self.settings.png_compress_level)
         images = []
         for index, (seed, image) in enumerate(zip(seeds, pixels, strict=False)):
-            ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.png")
-            body = encode_png(image, self.settings.png_compress_level)
-            self.storage.put_once(ref, body, "image/png", {"job-id": job_id, "seed": str(seed)})
+            ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.{encoding.extension}")
+            body = encoding.encode(image)
+            self.storage.put_once(ref, body, encoding.content_type, {"job-id": job_id, "seed": str(seed)})
             images.append(
                 {
                     "index": index,
@@ -171,6 +193,8 @@ class JobRunner:
                     "width": job.width,
                     "height": job.height,
                     "sha256": hashlib.sha256(body).hexdigest(),
+                    "format": encoding.format,
+                    "content_type": encoding.content_type,
                 }
             )
         timings["encode_upload_s"] = time.perf_counter() - began
@@ -182,7 +206,7 @@ class JobRunner:
         job_id: str,
         seeds: list[int],
         images: list[dict[str, Any]],
-        input_info: dict[str, str] | None,
+        input_info: dict[str, Any] | None,
         timings: dict[str, float],
         batch_size: int,
         manifest_ref: ObjectRef,
@@ -196,6 +220,7 @@ class JobRunner:
             "seeds": seeds,
             "images": images,
             "input": input_info,
+            "output_encoding": encoding_for(job, self.settings.png_compress_level).describe(),
             "manifest_url": manifest_ref.url,
             "model": {
                 "id": runtime.model_id,

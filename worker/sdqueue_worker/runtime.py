@@ -4,7 +4,10 @@ img2img must not go through the txt2img pipeline: since diffusers 0.22 its ``__c
 ``**kwargs`` and silently ignores ``image=``/``strength=``. The img2img pipeline is built from
 the txt2img pipeline's own module objects (``AutoPipelineForImage2Image.from_pipe``, which does
 not cast dtypes, unlike ``DiffusionPipeline.from_pipe`` without ``dtype=``, diffusers#12754), and
-``check_shared`` proves at start-up that nothing was duplicated or cast.
+``check_shared`` proves at start-up that nothing was duplicated or cast. The inpainting pipeline
+(``AutoPipelineForInpainting.from_pipe``) is built the same way and checked the same way; with a
+4-channel UNet (SD 1.x base models, the tiny test model) diffusers runs it as masked img2img:
+at every step the unmasked latents are reset to the noised input's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
 
 from sdqueue_worker.schedulers import build_schedulers
 from sdqueue_worker.settings import WorkerSettings
@@ -32,6 +40,7 @@ class Runtime:
 
     txt2img: DiffusionPipeline
     img2img: DiffusionPipeline
+    inpaint: DiffusionPipeline
     schedulers: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
@@ -42,7 +51,7 @@ class Runtime:
     versions: dict[str, str] = field(default_factory=dict)
 
     def pipeline_for(self, mode: str) -> DiffusionPipeline:
-        return self.img2img if mode == "img2img" else self.txt2img
+        return {"img2img": self.img2img, "inpaint": self.inpaint}.get(mode, self.txt2img)
 
 
 def pick_device(settings: WorkerSettings) -> torch.device:
@@ -60,13 +69,14 @@ def pick_dtype(settings: WorkerSettings, device: torch.device) -> torch.dtype:
 
 def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: torch.dtype) -> None:
     """Fail start-up unless both pipelines use the very same modules, in the expected dtype."""
+    kind = type(img2img).__name__
     for name in SHARED_MODULES:
         if getattr(txt2img, name) is not getattr(img2img, name):
-            raise RuntimeError(f"img2img pipeline does not share {name} with txt2img: VRAM would double")
+            raise RuntimeError(f"{kind} does not share {name} with txt2img: VRAM would double")
     for name in ("unet", "vae", "text_encoder"):
         module_dtype = getattr(txt2img, name).dtype
         if module_dtype != dtype:
-            raise RuntimeError(f"{name} is {module_dtype} after building img2img, expected {dtype}")
+            raise RuntimeError(f"{name} is {module_dtype} after building {kind}, expected {dtype}")
 
 
 def library_versions() -> dict[str, str]:
@@ -101,10 +111,14 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
     img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
     img2img.set_progress_bar_config(disable=True)
     check_shared(txt2img, img2img, dtype)
+    inpaint = AutoPipelineForInpainting.from_pipe(txt2img)
+    inpaint.set_progress_bar_config(disable=True)
+    check_shared(txt2img, inpaint, dtype)
     LOAD_COUNT += 1
     runtime = Runtime(
         txt2img=txt2img,
         img2img=img2img,
+        inpaint=inpaint,
         schedulers=build_schedulers(txt2img.scheduler),
         device=device,
         dtype=dtype,

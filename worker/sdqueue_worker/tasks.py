@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from sdqueue.errors import JobCancelled, TransientError
-from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
+from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.events import ProgressPublisher
@@ -83,3 +83,9 @@ def txt2img(self: Task, **payload: Any) -> dict[str, Any]:
 def img2img(self: Task, **payload: Any) -> dict[str, Any]:
     """Transform an allow-listed input image; kwargs are the job spec (see docs/job-schema.json)."""
     return run_delivery(self, "img2img", payload)
+
+
+@app.task(bind=True, name=INPAINT_TASK, acks_late=True)
+def inpaint(self: Task, **payload: Any) -> dict[str, Any]:
+    """Repaint the masked part of an allow-listed input image; kwargs are the job spec."""
+    return run_delivery(self, "inpaint", payload)
