@@ -41,12 +41,15 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
     pipe = runtime.txt2img
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
-    pipe.fuse_qkv_projections()
+    if runtime.loras is None:  # fused QKV would bypass LoRA layers on to_q/to_k/to_v
+        pipe.fuse_qkv_projections()
     if use_compile(settings, runtime):
         configure_cache(settings.compile_cache_dir)
         import torch._inductor.config as inductor
 
         inductor.conv_1x1_as_mm = True
+        if runtime.loras is not None:
+            runtime.loras.prepare_hotswap(settings.lora_max_rank)
         compile_unet(pipe.unet)
 
 

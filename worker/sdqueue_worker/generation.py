@@ -113,6 +113,8 @@ def run_batch(
     pipe = runtime.pipeline_for(job.mode)
     pipe.scheduler = runtime.schedulers[job.scheduler]
     rows = _rows(batch, pad_to)
+    if runtime.loras is not None:
+        runtime.loras.apply(job.loras)
     seed_noise_sampler(pipe.scheduler, [seed for _, seed in rows])
     kwargs: dict[str, Any] = dict(
         num_inference_steps=job.steps,

@@ -111,6 +111,7 @@ class JobRunner:
         seeds = job_seeds(job, ctx.job_id)
         timings: dict[str, float] = {}
         prompt_length = self.prompts.measure(job.prompt, job.negative_prompt)
+        loras = self._check_loras(job)
         with self.executor.preparing():
             init_image, mask_image, input_info = self._fetch_inputs(job, timings)
             request = self.executor.submit(
@@ -139,6 +140,7 @@ class JobRunner:
             job, ctx.job_id, seeds, images, input_info, timings, batch_size, manifest_ref
         )
         manifest["prompt"] = prompt_length.describe()
+        manifest["loras"] = loras
         if not self.storage.put_once(
             manifest_ref, json.dumps(manifest, indent=1).encode(), "application/json", {"job-id": ctx.job_id}
         ):
@@ -161,6 +163,14 @@ class JobRunner:
             )
         timings["input_fetch_s"] = time.perf_counter() - began
         return fit_to(image, job.width, job.height), mask, info
+
+    def _check_loras(self, job: Job) -> list[dict[str, Any]]:
+        """Each named adapter exists in the worker's folder and is a LoRA file (else a clear error)."""
+        if not job.loras:
+            return []
+        if self.runtime.loras is None:
+            raise JobValidationError("loras: this worker serves no LoRA adapters (SDQ_LORA_DIR is not set)")
+        return self.runtime.loras.registry.describe(job.loras)
 
     def _read(self, url: str) -> tuple[bytes, dict[str, Any]]:
         ref = allowed_input(url, self.settings.s3_endpoint_url, self.settings.input_buckets)

@@ -26,6 +26,7 @@ from diffusers import (
     DiffusionPipeline,
 )
 
+from sdqueue_worker.loras import LoraCache, LoraRegistry
 from sdqueue_worker.schedulers import build_schedulers
 from sdqueue_worker.settings import WorkerSettings
 
@@ -49,6 +50,8 @@ class Runtime:
     load_count: int
     warmup_seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    loras: LoraCache | None = None
+    """LoRA adapters (None when SDQ_LORA_DIR is unset)."""
 
     def pipeline_for(self, mode: str) -> DiffusionPipeline:
         return {"img2img": self.img2img, "inpaint": self.inpaint}.get(mode, self.txt2img)
@@ -127,5 +130,7 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
         load_count=LOAD_COUNT,
         versions=library_versions(),
     )
+    if settings.lora_dir:
+        runtime.loras = LoraCache(txt2img, LoraRegistry(settings.lora_dir), settings.lora_cache_mb * 2**20)
     log.info("model %s loaded on %s/%s in %.1fs", settings.model, device, dtype, runtime.load_seconds)
     return runtime

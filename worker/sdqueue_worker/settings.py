@@ -35,6 +35,12 @@ class WorkerSettings(Settings):
     compile_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 2, 4, 8])
     compile_cache_dir: str | None = None
     warmup: bool = True
+    lora_dir: str | None = None
+    """Folder of ``<name>.safetensors`` LoRA adapters jobs may name (unset: jobs may name none)."""
+    lora_cache_mb: int = Field(default=512, ge=1)
+    """Loaded adapters are kept while their file sizes add up to less than this."""
+    lora_max_rank: int = Field(default=64, ge=1, le=1024)
+    """With compile on: the highest adapter rank hot-swap must hold (enable_lora_hotswap)."""
 
     # --- worker behaviour ------------------------------------------------------------------
     max_batch: int = Field(default=1, ge=1, le=64)
