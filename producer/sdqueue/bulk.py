@@ -29,7 +29,7 @@ from sdqueue.client import SdQueue, publish_job
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, SdqError
 from sdqueue.locations import ObjectRef
-from sdqueue.names import QUEUE_FOR_LANE, cancel_key, job_claim_key
+from sdqueue.names import cancel_key, job_claim_key, lane_queue
 
 Job = Txt2ImgJob | Img2ImgJob
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -138,7 +138,7 @@ class Enqueuer:
 
     def __init__(self, queue: SdQueue, lane: str, sent_events: bool = False) -> None:
         self.queue = queue
-        self.queue_name = QUEUE_FOR_LANE[lane]
+        self.lane = lane
         self.app = bulk_celery(queue)
         self.sent_events = sent_events and bool(self.app.conf.task_send_sent_event)
         self.published = 0
@@ -189,7 +189,7 @@ class Enqueuer:
                         producer,
                         job.job_id,
                         job.spec,
-                        self.queue_name,
+                        lane_queue(self.lane, job.spec.model),
                         self.sent_events,
                         retry=False,
                     )

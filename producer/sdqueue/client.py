@@ -33,7 +33,7 @@ from sdqueue.errors import (
     WaitTimeout,
 )
 from sdqueue.locations import ObjectRef, allowed_input
-from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, progress_key
+from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, lane_queue, progress_key
 from sdqueue.settings import Settings, get_settings
 from sdqueue.webhooks import check_webhook_url
 
@@ -124,6 +124,13 @@ def publish_job(
     )
 
 
+def check_model_alias(model: str | None, known: list[str]) -> None:
+    """Refuse a model alias that no deployment serves (its queue would never be consumed)."""
+    if model is not None and model not in known:
+        served = ", ".join(known) if known else "none: SDQ_MODELS is empty"
+        raise JobValidationError(f"model: unknown model alias {model!r}; known aliases: {served}")
+
+
 class SdQueue:
     """Submit and follow sdqueue jobs. Thread-safe; create one per process."""
 
@@ -149,6 +156,7 @@ class SdQueue:
             raise JobValidationError(f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket")
         if spec.webhook_url is not None:
             check_webhook_url(spec.webhook_url, self.settings.webhook_hosts)
+        check_model_alias(spec.model, self.settings.models)
         return spec
 
     def submit(self, job: Job | dict[str, Any], lane: Lane = "interactive") -> JobHandle:
@@ -181,7 +189,13 @@ class SdQueue:
         try:
             with self.celery.producer_or_acquire() as producer:
                 publish_job(
-                    self.celery, producer, job_id, spec, QUEUE_FOR_LANE[lane], sent_event=True, retry=True
+                    self.celery,
+                    producer,
+                    job_id,
+                    spec,
+                    lane_queue(lane, spec.model),
+                    sent_event=True,
+                    retry=True,
                 )
         except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
             if spec.job_id:

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     presign_expires_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
     max_input_bytes: int = 20 * 1024 * 1024
 
+    # --- models ------------------------------------------------------------------------------
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Model aliases a job may name in ``model`` (``SDQ_MODELS=sd15,sdxl``); each alias has its own
+    queues and workers. Empty: jobs name no model and go to the default queues."""
+
     # --- delivery (both sides: the Celery transport options must agree) ---------------
     visibility_timeout_s: int = Field(default=20, ge=5)
     """A message whose worker stops renewing its lease for this long is redelivered."""
@@ -64,7 +69,7 @@ class Settings(BaseSettings):
     webhook_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Hosts (``host`` or ``host:port``) a job's webhook_url may point at; empty refuses all webhooks."""
 
-    @field_validator("input_buckets", "output_buckets", "webhook_hosts", mode="before")
+    @field_validator("input_buckets", "output_buckets", "webhook_hosts", "models", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -68,6 +68,11 @@ def validate_payload(mode: str, payload: dict[str, Any], job_id: str, settings: 
         allowed_input(job.mask_url, settings.s3_endpoint_url, settings.input_buckets)
     if job.webhook_url is not None:
         check_webhook_url(job.webhook_url, settings.webhook_hosts)
+    if job.model != settings.model_alias:
+        raise JobValidationError(
+            f"model: this worker serves {settings.model_alias or 'the default model'}, the job names "
+            f"{job.model or 'no model'}; submit through the client, which routes by alias"
+        )
     return job
 
 
@@ -233,6 +238,7 @@ class JobRunner:
             "output_encoding": encoding_for(job, self.settings.png_compress_level).describe(),
             "manifest_url": manifest_ref.url,
             "model": {
+                "alias": self.settings.model_alias,
                 "id": runtime.model_id,
                 "revision": self.settings.model_revision,
                 "dtype": str(runtime.dtype).removeprefix("torch."),

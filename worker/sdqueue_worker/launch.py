@@ -200,11 +200,13 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
     webhook deliveries (short, never touch the GPU), then interactive jobs, then bulk jobs.
     The job-slot count comes from the executor that relies on it.
     """
-    from sdqueue.names import BULK_QUEUE, INTERACTIVE_QUEUE, NOTIFY_QUEUE
+    from sdqueue.names import NOTIFY_QUEUE, lane_queue
     from sdqueue_worker.executor import job_slots
     from sdqueue_worker.settings import get_worker_settings
 
-    slots = job_slots(get_worker_settings().max_batch)
+    settings = get_worker_settings()
+    slots = job_slots(settings.max_batch)
+    lanes = [lane_queue(lane, settings.model_alias) for lane in ("interactive", "bulk")]
     argv = [
         sys.executable,
         "-m",
@@ -219,7 +221,7 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
         "--prefetch-multiplier",
         "1",
         "--queues",
-        f"{NOTIFY_QUEUE},{INTERACTIVE_QUEUE},{BULK_QUEUE}",
+        ",".join([NOTIFY_QUEUE, *lanes]),
         "--task-events",
         "--without-gossip",
         "--without-mingle",

@@ -26,6 +26,9 @@ class WorkerSettings(Settings):
     model: str = ".cache/tiny-sd"
     """A hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local diffusers folder."""
     model_revision: str | None = None
+    model_alias: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    """The alias (one of SDQ_MODELS) this worker serves: it consumes ``sdqueue.<alias>.*`` queues and
+    runs only jobs naming it. Unset: the default queues and jobs that name no model."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     gpu_memory_fraction: float | None = Field(default=None, gt=0, le=1)

@@ -7,7 +7,7 @@ from typing import Any
 from celery import Task
 
 from sdqueue.errors import JobCancelled, TransientError
-from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key
+from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key, is_bulk_queue
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.events import ProgressPublisher
@@ -30,7 +30,7 @@ def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
     routing_key = (task.request.delivery_info or {}).get("routing_key")
     return JobContext(
         job_id=job_id,
-        lane_rank=1 if routing_key == BULK_QUEUE else 0,
+        lane_rank=1 if is_bulk_queue(routing_key) else 0,
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
         is_cancelled=signals.cancelled,
