@@ -62,6 +62,8 @@ class ImageResult:
     key: str
     width: int
     height: int
+    nsfw: bool | None = None
+    """The worker's safety-checker verdict (None when SDQ_SAFETY_CHECKER is off)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,10 @@ class JobResult:
     @classmethod
     def from_task_result(cls, body: dict[str, Any]) -> JobResult:
         images = [
-            ImageResult(**{k: img[k] for k in ("index", "seed", "url", "bucket", "key", "width", "height")})
+            ImageResult(
+                **{k: img[k] for k in ("index", "seed", "url", "bucket", "key", "width", "height")},
+                nsfw=img.get("nsfw"),
+            )
             for img in body["images"]
         ]
         return cls(

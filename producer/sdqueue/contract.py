@@ -73,6 +73,14 @@ class OutputLocation(BaseModel):
         return self
 
 
+def check_pixels(width: int, height: int) -> None:
+    """Raise ValueError when an image of this size is over the pixel limit."""
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"width x height = {width * height} pixels is over the limit of {MAX_PIXELS}; lower width or height"
+        )
+
+
 class LoraRef(BaseModel):
     """One adapter a job applies: a name from the worker's LoRA folder and its weight."""
 
@@ -92,8 +100,10 @@ class _JobBase(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     steps: int = Field(default=30, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE, strict=False)
-    width: Side = 512
-    height: Side = 512
+    width: Side | None = Field(
+        default=None, description="Pixels; default: the model's native size (SD 1.x 512, SDXL 1024)."
+    )
+    height: Side | None = Field(default=None, description="Pixels; default: the model's native size.")
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     scheduler: SchedulerName = "default"
     output: OutputLocation | None = None
@@ -150,11 +160,7 @@ class _JobBase(BaseModel):
 
     @model_validator(mode="after")
     def _check_pixels(self) -> _JobBase:
-        if self.width * self.height > MAX_PIXELS:
-            raise ValueError(
-                f"width x height = {self.width * self.height} pixels is over the limit of {MAX_PIXELS}; "
-                "lower width or height"
-            )
+        check_pixels(self.width or MIN_SIDE, self.height or MIN_SIDE)
         return self
 
 

@@ -48,6 +48,8 @@ class GenerationRequest:
     future: Future[Any] = field(default_factory=Future)
     batch_images: int = 0
     """Images in the pipeline call this job ran in (set by the GPU thread)."""
+    nsfw: list[bool] | None = None
+    """The safety checker's verdict per image (set by the GPU thread when the checker is on)."""
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
@@ -130,4 +132,8 @@ def run_batch(
         kwargs.update(_inputs(pipe, batch, rows))
         images = _to_uint8(pipe(**kwargs).images)
     bounds = np.cumsum([len(request.seeds) for request in batch])
-    return list(np.split(images[: bounds[-1]], bounds[:-1]))
+    per_request = list(np.split(images[: bounds[-1]], bounds[:-1]))
+    if runtime.safety is not None:
+        for request, pixels in zip(batch, per_request, strict=True):
+            request.nsfw = runtime.safety.flags(pixels)
+    return per_request

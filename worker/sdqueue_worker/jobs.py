@@ -20,6 +20,7 @@ from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob, derived_seed, parse
 from sdqueue.errors import JobValidationError
 from sdqueue.locations import ObjectRef, allowed_input
 from sdqueue.webhooks import check_webhook_url
+from sdqueue_worker.defaults import native_side, size_of, with_model_size
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.formats import encoding_for
 from sdqueue_worker.generation import GenerationRequest, ProgressFn
@@ -105,6 +106,7 @@ class JobRunner:
         self.storage = storage
         self.hostname = hostname or socket.gethostname()
         self.prompts = PromptCounter(runtime.txt2img)
+        self.native_side = native_side(runtime.txt2img)
 
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
@@ -113,6 +115,7 @@ class JobRunner:
         existing = self.storage.read_json(manifest_ref) if ctx.maybe_done else None
         if existing is not None:
             return result_from_manifest(existing)
+        job = with_model_size(job, self.native_side)
         seeds = job_seeds(job, ctx.job_id)
         timings: dict[str, float] = {}
         prompt_length = self.prompts.measure(job.prompt, job.negative_prompt)
@@ -137,6 +140,7 @@ class JobRunner:
         pixels: np.ndarray = request.future.result()
         timings["generate_s"] = time.perf_counter() - generate_started
         batch_size = request.batch_images
+        nsfw = request.nsfw
         images = self._store_images(job, ctx.job_id, folder, seeds, pixels, timings)
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
@@ -146,6 +150,9 @@ class JobRunner:
         )
         manifest["prompt"] = prompt_length.describe()
         manifest["loras"] = loras
+        if nsfw is not None:
+            for image, flag in zip(manifest["images"], nsfw, strict=False):
+                image["nsfw"] = flag
         if not self.storage.put_once(
             manifest_ref, json.dumps(manifest, indent=1).encode(), "application/json", {"job-id": ctx.job_id}
         ):
@@ -163,11 +170,9 @@ class JobRunner:
         mask = None
         if isinstance(job, InpaintJob):
             mask_data, info["mask"] = self._read(job.mask_url)
-            mask = fit_to(
-                decode_mask(mask_data, self.settings.max_input_pixels, image.size), job.width, job.height
-            )
+            mask = fit_to(decode_mask(mask_data, self.settings.max_input_pixels, image.size), *size_of(job))
         timings["input_fetch_s"] = time.perf_counter() - began
-        return fit_to(image, job.width, job.height), mask, info
+        return fit_to(image, *size_of(job)), mask, info
 
     def _check_loras(self, job: Job) -> list[dict[str, Any]]:
         """Each named adapter exists in the worker's folder and is a LoRA file (else a clear error)."""

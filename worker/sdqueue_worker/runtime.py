@@ -19,14 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    AutoPipelineForText2Image,
-    DiffusionPipeline,
-)
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 
+from sdqueue_worker.loading import load_pipeline
 from sdqueue_worker.loras import LoraCache, LoraRegistry
+from sdqueue_worker.safety import SafetyChecker
 from sdqueue_worker.schedulers import build_schedulers
 from sdqueue_worker.settings import WorkerSettings
 
@@ -52,6 +49,8 @@ class Runtime:
     versions: dict[str, str] = field(default_factory=dict)
     loras: LoraCache | None = None
     """LoRA adapters (None when SDQ_LORA_DIR is unset)."""
+    safety: SafetyChecker | None = None
+    """The NSFW checker (None unless SDQ_SAFETY_CHECKER is on)."""
 
     def pipeline_for(self, mode: str) -> DiffusionPipeline:
         return {"img2img": self.img2img, "inpaint": self.inpaint}.get(mode, self.txt2img)
@@ -103,13 +102,7 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
         torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, torch.cuda.current_device())
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # an explicit setting wins
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-    txt2img = AutoPipelineForText2Image.from_pretrained(
-        settings.model,
-        dtype=dtype,
-        revision=settings.model_revision,
-        safety_checker=None,
-        requires_safety_checker=False,
-    ).to(device)
+    txt2img = load_pipeline(settings, dtype).to(device)
     txt2img.set_progress_bar_config(disable=True)
     img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
     img2img.set_progress_bar_config(disable=True)
@@ -130,6 +123,8 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
         load_count=LOAD_COUNT,
         versions=library_versions(),
     )
+    if settings.safety_checker:
+        runtime.safety = SafetyChecker.take_from([txt2img, img2img, inpaint])
     if settings.lora_dir:
         runtime.loras = LoraCache(txt2img, LoraRegistry(settings.lora_dir), settings.lora_cache_mb * 2**20)
     log.info("model %s loaded on %s/%s in %.1fs", settings.model, device, dtype, runtime.load_seconds)

@@ -26,6 +26,12 @@ class WorkerSettings(Settings):
     model: str = ".cache/tiny-sd"
     """A hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local diffusers folder."""
     model_revision: str | None = None
+    model_variant: str | None = None
+    """Weight variant to load, e.g. ``fp16`` (files named ``*.fp16.safetensors``)."""
+    single_file_config: str | None = None
+    """For a single-file SDQ_MODEL: a diffusers folder or hub id with its configs (needed offline)."""
+    safety_checker: bool = False
+    """Run the model's NSFW checker and flag each image in the result (images are never blacked out)."""
     model_alias: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     """The alias (one of SDQ_MODELS) this worker serves: it consumes ``sdqueue.<alias>.*`` queues and
     runs only jobs naming it. Unset: the default queues and jobs that name no model."""
