@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdqueue import InpaintJob, JobFailed, JobValidationError, SdQueue, Txt2ImgJob, parse_job
@@ -211,3 +213,54 @@ def test_inpaint_through_the_worker(queue: SdQueue, s3) -> None:  # type: ignore
     with pytest.raises(JobFailed) as info:
         bad.wait(timeout=180)
     assert info.value.error_type == "InputImageError" and "the mask is 32x32" in str(info.value)
+
+
+def tiny_sdxl_text_side(tmp_path: Path) -> Any:
+    """SDXL's text side in miniature: two tokenizers, CLIPTextModel and CLIPTextModelWithProjection."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdqueue_worker.tiny_model import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(tmp_path)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = dict(
+        vocab_size=len(tokenizer),
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=eos - 1,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return SimpleNamespace(
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **config)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=48, projection_dim=24, **config)
+        ).eval(),
+    )
+
+
+def test_sdxl_long_prompts_use_both_encoders_and_the_first_chunks_pooled_output(tmp_path: Path) -> None:
+    from sdqueue_worker.prompts import batch_embeddings
+
+    pipe = tiny_sdxl_text_side(tmp_path)
+    head = "a lighthouse on a cliff at dusk, " * 4
+    with torch.inference_mode():
+        calm = batch_embeddings(pipe, [(head + "calm sea", "")], chunks=2)
+        storm = batch_embeddings(pipe, [(head + "violent storm", "")], chunks=2)
+    assert calm["prompt_embeds"].shape == (1, 2 * 77, 32 + 48)
+    assert calm["negative_prompt_embeds"].shape == (1, 2 * 77, 32 + 48)
+    assert calm["pooled_prompt_embeds"].shape == calm["negative_pooled_prompt_embeds"].shape == (1, 24)
+    assert torch.equal(calm["pooled_prompt_embeds"], storm["pooled_prompt_embeds"]), (
+        "pooled: first chunk only"
+    )
+    assert torch.equal(calm["prompt_embeds"][:, :77], storm["prompt_embeds"][:, :77])
+    assert not torch.allclose(calm["prompt_embeds"][:, 77:], storm["prompt_embeds"][:, 77:]), (
+        "the tail counts"
+    )
