@@ -180,6 +180,8 @@ class JobRunner:
             return []
         if self.runtime.loras is None:
             raise JobValidationError("loras: this worker serves no LoRA adapters (SDQ_LORA_DIR is not set)")
+        if self.runtime.loras.hot is not None and len(job.loras) > 1:
+            raise JobValidationError("loras: with a compiled UNet (SDQ_COMPILE) a job may use one adapter")
         return self.runtime.loras.registry.describe(job.loras)
 
     def _read(self, url: str) -> tuple[bytes, dict[str, Any]]:
