@@ -46,6 +46,7 @@ SchedulerName = Literal[
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 MODES = ("txt2img", "img2img", "inpaint")
 OutputFormat = Literal["png", "webp", "jpeg"]
+PNDM_MIN_STEPS = 4
 MAX_LORAS = 4
 MAX_LORA_SCALE = 4.0
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -153,6 +154,8 @@ class _JobBase(BaseModel):
             raise ValueError("output_lossless: only webp has a lossless mode; set output_format to 'webp'")
         if self.output_quality is not None and (self.output_format == "png" or self.output_lossless):
             raise ValueError("output_quality: png and lossless webp have no quality; leave it out")
+        if self.scheduler == "pndm" and self.steps < PNDM_MIN_STEPS:
+            raise ValueError(f"steps: pndm needs at least {PNDM_MIN_STEPS} steps (its warm-up takes 4)")
         names = [lora.name for lora in self.loras]
         if len(set(names)) != len(names):
             raise ValueError("loras: each adapter may appear once; merge the scales of repeated names")
