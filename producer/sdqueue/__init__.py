@@ -9,12 +9,14 @@ from sdqueue.errors import (
     JobCancelled,
     JobFailed,
     JobIdConflict,
+    JobNotFound,
     JobValidationError,
     SdqError,
     TransientError,
     WaitTimeout,
 )
 from sdqueue.settings import Settings, get_settings
+from sdqueue.states import JobState
 
 __all__ = [
     "BrokerUnavailable",
@@ -27,7 +29,9 @@ __all__ = [
     "JobFailed",
     "JobHandle",
     "JobIdConflict",
+    "JobNotFound",
     "JobResult",
+    "JobState",
     "JobValidationError",
     "LoraRef",
     "OutputLocation",

@@ -25,14 +25,15 @@ from celery import Celery
 
 from sdqueue.bulk_input import Row
 from sdqueue.celeryconfig import make_celery
-from sdqueue.client import SdQueue, publish_job
+from sdqueue.client import SdQueue, job_record, publish_job, record_ttl_s
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, SdqError
 from sdqueue.locations import ObjectRef
 from sdqueue.names import cancel_key, job_claim_key, lane_queue
+from sdqueue.states import FINAL, JobState, state_of
 
 Job = Txt2ImgJob | Img2ImgJob
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+FINAL_STATES = tuple(state.value for state in FINAL)
 CHUNK = 500
 
 
@@ -160,10 +161,11 @@ class Enqueuer:
 
     def _claim(self, jobs: list[BulkJob]) -> list[bool]:
         pipe = self.queue.redis.pipeline(transaction=False)
-        now = time.time()
         for job in jobs:
-            claim = json.dumps({"fingerprint": job.fingerprint, "at": now})
-            pipe.set(job_claim_key(job.job_id), claim, nx=True, ex=self.queue.settings.result_ttl_s)
+            claim = job_record(job.spec, job.fingerprint)
+            pipe.set(
+                job_claim_key(job.job_id), claim, nx=True, ex=record_ttl_s(job.spec, self.queue.settings)
+            )
         try:
             return [bool(ok) for ok in pipe.execute()]
         except Exception as exc:
@@ -248,15 +250,14 @@ def settle(job: BulkJob, meta: dict[str, Any] | None, cancelled: bool) -> bool:
     """Set a job's final state from its result-backend entry; False while it is unfinished."""
     status = (meta or {}).get("status")
     result = (meta or {}).get("result")
-    if status == "SUCCESS":
-        job.state, job.images = "succeeded", [image["url"] for image in (result or {}).get("images", [])]
-    elif status == "FAILURE":
-        is_cancel = isinstance(result, dict) and result.get("exc_type") == "JobCancelled"
-        job.state, job.error = ("cancelled" if is_cancel else "failed"), _error_text(result)
-    elif status == "REVOKED" or cancelled:
-        job.state, job.error = "cancelled", "cancelled"
-    else:
+    state = state_of(status, result, cancel_requested=cancelled)
+    if not state.final:
         return False
+    job.state = state.value
+    if state is JobState.SUCCEEDED:
+        job.images = [image["url"] for image in (result or {}).get("images", [])]
+    else:
+        job.error = _error_text(result) if status == "FAILURE" else "cancelled"
     return True
 
 

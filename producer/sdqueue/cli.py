@@ -3,29 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import redis
+from kombu.exceptions import OperationalError
+
 from sdqueue.errors import (
-    BrokerUnavailable,
+    JobCancelled,
     JobFailed,
     JobIdConflict,
+    JobNotFound,
     JobValidationError,
     SdqError,
+    TransientError,
     WaitTimeout,
 )
+from sdqueue.states import JobState
 
 Handler = Callable[[argparse.Namespace], int]
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_BROKER = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+EXIT_CODES = """\
+exit codes: 0 ok (for status: the job is queued, running, retrying or succeeded),
+  1 the job failed or was cancelled (or, for wait, did not finish within --timeout),
+  2 invalid input, 3 Redis or S3 unreachable, 4 unknown job id (never submitted, or forgotten)"""
 
 DESCRIPTION = """\
 Stable Diffusion job queue: producers enqueue txt2img/img2img jobs through Celery to Redis;
 one GPU worker loads the model once and writes PNGs plus a manifest to S3.
 Settings come from SDQ_* environment variables (SDQ_REDIS_URL, SDQ_S3_ENDPOINT_URL, ...)."""
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   sdqueue submit txt2img "a lighthouse at dusk" --seed 7 --wait
   sdqueue submit img2img "as a watercolour" --image-url s3://inputs/photo.png --strength 0.5
@@ -34,7 +47,9 @@ examples:
   sdqueue bulk prompts.csv --max-in-flight 200 --report report.jsonl
   sdqueue worker --name gpu0@host   run the GPU worker (model from SDQ_MODEL)
 
-exit codes: 0 ok, 1 a job failed, was cancelled or is unfinished, 2 invalid input, 3 Redis unreachable"""
+"""
+    + EXIT_CODES
+)
 
 
 def _version() -> str:
@@ -99,21 +114,34 @@ def _lora(text: str) -> dict[str, Any]:
 
 
 def _failure(job_id: str, exc: JobFailed) -> int:
-    state = "cancelled" if type(exc).__name__ == "JobCancelled" else "failed"
-    _print({"job_id": job_id, "state": state, "error": exc.reason, "error_type": exc.error_type})
+    state = JobState.CANCELLED if isinstance(exc, JobCancelled) else JobState.FAILED
+    _print({"job_id": job_id, "state": state.value, "error": exc.reason, "error_type": exc.error_type})
     return EXIT_FAILED
+
+
+def _waited(handle: Any, timeout: float) -> Any:
+    """``handle.wait``; an expected end other than success becomes (None, exit code), printed."""
+    try:
+        return handle.wait(timeout=timeout), EXIT_OK
+    except JobFailed as exc:
+        return None, _failure(handle.job_id, exc)
+    except WaitTimeout as exc:
+        _print({"job_id": handle.job_id, "state": handle.state().value, "error": str(exc)})
+        return None, EXIT_FAILED
+    except JobNotFound as exc:
+        _print({"job_id": handle.job_id, "state": JobState.UNKNOWN.value, "error": str(exc)})
+        return None, EXIT_UNKNOWN
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     queue = _queue()
     handle = queue.submit(_job_from_args(args), lane=args.lane)
     if not args.wait:
-        _print({"job_id": handle.job_id, "state": handle.state()}, indent=None)
+        _print({"job_id": handle.job_id, "state": handle.state().value}, indent=None)
         return EXIT_OK
-    try:
-        result = handle.wait(timeout=args.timeout)
-    except JobFailed as exc:
-        return _failure(handle.job_id, exc)
+    result, code = _waited(handle, args.timeout)
+    if result is None:
+        return int(code)
     urls = queue.presigned_urls(result)
     _print(
         {
@@ -132,7 +160,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     handle = _queue().handle(args.job_id)
-    body: dict[str, Any] = {"job_id": args.job_id, "state": handle.state(), "progress": handle.progress()}
+    state = handle.state()
+    body: dict[str, Any] = {"job_id": args.job_id, "state": state.value, "progress": handle.progress()}
     try:
         result = handle.result()
         if result:
@@ -140,14 +169,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     except JobFailed as exc:
         body["error"] = exc.reason
     _print(body)
-    return EXIT_OK
+    if state is JobState.UNKNOWN:
+        return EXIT_UNKNOWN
+    return EXIT_FAILED if state in (JobState.FAILED, JobState.CANCELLED) else EXIT_OK
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    try:
-        result = _queue().handle(args.job_id).wait(timeout=args.timeout)
-    except JobFailed as exc:
-        return _failure(args.job_id, exc)
+    result, code = _waited(_queue().handle(args.job_id), args.timeout)
+    if result is None:
+        return int(code)
     _print({"job_id": result.job_id, "state": "succeeded", "images": [i.url for i in result.images]})
     return EXIT_OK
 
@@ -175,18 +205,30 @@ class WorkerNotInstalled(SdqError):
     """A worker command was run where only the client is installed."""
 
 
+WORKER_PACKAGES = ("sdqueue_worker", "torch", "diffusers", "transformers")
+"""What a worker command needs beyond the client (the ``worker`` extra)."""
+
+
+def _absent(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except ImportError:
+        return True
+
+
 def _worker_side(module: str) -> Any:
     """Import a module of the worker package, or say how to install it."""
-    import importlib
-
+    missing = [name for name in WORKER_PACKAGES if _absent(name)]
     try:
-        return importlib.import_module(module)
+        if not missing:
+            return importlib.import_module(module)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] in ("sdqueue_worker", "torch", "diffusers", "transformers"):
-            raise WorkerNotInstalled(
-                f'this command needs the GPU worker ({exc.name} is missing): pip install "sdqueue[worker]"'
-            ) from None
-        raise
+        if not exc.name or exc.name.split(".")[0] not in WORKER_PACKAGES:
+            raise
+        missing = [exc.name]
+    raise WorkerNotInstalled(
+        f'this command needs the GPU worker ({", ".join(missing)} missing): pip install "sdqueue[worker]"'
+    ) from None
 
 
 def cmd_build_tiny_model(args: argparse.Namespace) -> int:
@@ -349,14 +391,15 @@ def _job_id_parsers(sub: Any) -> None:
             "status",
             cmd_status,
             "state, progress and result of a job",
-            "Print a job's state (queued, running, retrying, succeeded, failed, cancelled),\n"
-            "its latest denoising progress, and its images or error.",
+            "Print a job's state (queued, running, retrying, succeeded, failed, cancelled,\n"
+            "unknown), its latest denoising progress, and its images or error. A finished job\n"
+            "whose result expired is read from its manifest in S3.",
         ),
         (
             "wait",
             cmd_wait,
             "wait for a job and print its images",
-            "Block until a job ends; exit 1 if it failed or was cancelled.",
+            "Block until a job ends and print its images (or its error).",
         ),
         (
             "cancel",
@@ -366,7 +409,10 @@ def _job_id_parsers(sub: Any) -> None:
             "step, ends cancelled and writes no manifest.",
         ),
     ):
-        p = _parser(sub, name, func, text, description, f"example:\n  sdqueue {name} 3f2a9c...")
+        epilog = f"example:\n  sdqueue {name} 3f2a9c..."
+        if name != "cancel":
+            epilog += "\n\n" + EXIT_CODES
+        p = _parser(sub, name, func, text, description, epilog)
         p.add_argument("job_id")
         if name == "wait":
             p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
@@ -428,9 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     except (JobValidationError, JobIdConflict) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except BrokerUnavailable as exc:
+    except TransientError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+        return EXIT_UNREACHABLE
+    except (redis.RedisError, OperationalError) as exc:
+        print(f"error: cannot reach Redis: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except JobNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
     except (JobFailed, WaitTimeout, SdqError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
@@ -29,26 +30,18 @@ from sdqueue.errors import (
     JobCancelled,
     JobFailed,
     JobIdConflict,
+    JobNotFound,
     JobValidationError,
     WaitTimeout,
 )
-from sdqueue.locations import ObjectRef, allowed_input
+from sdqueue.locations import ObjectRef, allowed_input, job_folder, manifest_ref
 from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, lane_queue, progress_key
 from sdqueue.settings import Settings, get_settings
+from sdqueue.states import JobState, state_of
 from sdqueue.webhooks import check_webhook_url
 
 Job = AnyJob
 Lane = Literal["interactive", "bulk"]
-STATES = {
-    "PENDING": "queued",
-    "RECEIVED": "queued",
-    "STARTED": "running",
-    "PROGRESS": "running",
-    "RETRY": "retrying",
-    "SUCCESS": "succeeded",
-    "FAILURE": "failed",
-    "REVOKED": "cancelled",
-}
 
 
 @dataclass(frozen=True)
@@ -96,6 +89,36 @@ class JobResult:
             body["model_id"],
             body,
         )
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> JobResult:
+        """The result of a job read from its manifest (the result-backend entry has expired)."""
+        return cls.from_task_result(
+            {
+                **{
+                    key: manifest[key]
+                    for key in ("job_id", "mode", "images", "seeds", "manifest_url", "timings")
+                },
+                "model_id": manifest["model"]["id"],
+            }
+        )
+
+
+def job_record(spec: Job, fingerprint: str) -> str:
+    """What submit stores under the job's claim key: the spec's fingerprint (idempotency), the
+    submit time and, when the job names its own, its output location (to find its manifest)."""
+    record: dict[str, Any] = {"fingerprint": fingerprint, "at": time.time()}
+    if spec.output is not None:
+        record["output"] = {"bucket": spec.output.bucket, "prefix": spec.output.prefix}
+    return json.dumps(record)
+
+
+def record_ttl_s(spec: Job, settings: Settings) -> int:
+    """The claim of a default-location job lives as long as its result; a job with its own output
+    location is remembered longer, because only its record says where its manifest is."""
+    if spec.output is None:
+        return settings.result_ttl_s
+    return max(settings.result_ttl_s, settings.output_record_ttl_s)
 
 
 def publish_job(
@@ -170,21 +193,24 @@ class SdQueue:
         if lane not in QUEUE_FOR_LANE:
             raise JobValidationError(f"lane: must be one of {sorted(QUEUE_FOR_LANE)}")
         job_id = spec.job_id or uuid.uuid4().hex
-        if spec.job_id and not self._claim(job_id, spec_fingerprint(spec)):
+        if not self._claim(job_id, spec):
             return JobHandle(self, job_id)
         self._publish(spec, job_id, lane)
         return JobHandle(self, job_id)
 
-    def _claim(self, job_id: str, fingerprint: str) -> bool:
-        """Take the idempotency claim; False when this exact job was already submitted."""
-        claim = json.dumps({"fingerprint": fingerprint, "at": time.time()})
+    def _claim(self, job_id: str, spec: Job) -> bool:
+        """Record the job (every job: so queued and unknown ids differ); False when this exact
+        job was already submitted. A resubmit after the record expired is answered by the worker
+        from the job's manifest, without generating again."""
+        fingerprint = spec_fingerprint(spec)
+        claim = job_record(spec, fingerprint)
         try:
-            if self.redis.set(job_claim_key(job_id), claim, nx=True, ex=self.settings.result_ttl_s):
+            if self.redis.set(job_claim_key(job_id), claim, nx=True, ex=record_ttl_s(spec, self.settings)):
                 return True
             existing = json.loads(self.redis.get(job_claim_key(job_id)) or "{}")
         except redis.RedisError as exc:
             raise BrokerUnavailable(
-                f"cannot reach Redis at {self.settings.redis_url_masked}: {exc}"
+                f"could not submit job {job_id}: Redis at {self.settings.redis_url_masked} unreachable ({exc})"
             ) from None
         if existing.get("fingerprint") not in (None, fingerprint):
             raise JobIdConflict(f"job id {job_id!r} was already used for a different job; pick a new id")
@@ -203,8 +229,7 @@ class SdQueue:
                     retry=True,
                 )
         except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
-            if spec.job_id:
-                self.redis.delete(job_claim_key(job_id))
+            self.redis.delete(job_claim_key(job_id))
             raise BrokerUnavailable(
                 f"could not enqueue job {job_id}: Redis at {self.settings.redis_url_masked} unreachable ({exc})"
             ) from None
@@ -220,6 +245,16 @@ class SdQueue:
 
             self._storage = Storage(self.settings)
         return self._storage
+
+    def find_manifest(self, job_id: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A job's manifest, where its record (or the default output location) says it is."""
+        output = (record or {}).get("output") or {}
+        bucket = output.get("bucket", self.settings.output_bucket)
+        prefix = output.get("prefix", self.settings.output_prefix)
+        manifest: dict[str, Any] | None = self.storage.read_json(
+            manifest_ref(job_folder(bucket, prefix, job_id))
+        )
+        return manifest
 
     def presigned_urls(self, result: JobResult, expires_s: int | None = None) -> list[str]:
         """Presigned http URLs for a result's images (expiry from settings unless given)."""
@@ -239,15 +274,38 @@ class JobHandle:
     def _async(self) -> AsyncResult:
         return AsyncResult(self.job_id, app=self.queue.celery)
 
-    def state(self) -> str:
-        """queued, running, retrying, succeeded, failed or cancelled."""
+    def _record(self) -> dict[str, Any] | None:
+        body = self.queue.redis.get(job_claim_key(self.job_id))
+        record: dict[str, Any] | None = json.loads(body) if body else None
+        return record
+
+    def _look(self) -> tuple[JobState, AsyncResult, JobResult | None]:
+        """The job's state from its result entry, else its manifest, else its submit record.
+
+        The manifest is read only when the result entry could have expired: no record, or a
+        record older than the result TTL.
+        """
         async_result = self._async()
         celery_state = async_result.state
-        if celery_state == "FAILURE" and type(async_result.result).__name__ == "JobCancelled":
-            return "cancelled"
-        if celery_state not in ("SUCCESS", "FAILURE") and self.queue.redis.exists(cancel_key(self.job_id)):
-            return "cancelled"
-        return STATES.get(celery_state, "queued")
+        if celery_state == "SUCCESS":
+            return JobState.SUCCEEDED, async_result, JobResult.from_task_result(async_result.result)
+        if celery_state != "PENDING":
+            return state_of(celery_state, async_result.result), async_result, None
+        record = self._record()
+        if record and time.time() - float(record.get("at", 0)) < self.queue.settings.result_ttl_s:
+            return JobState.QUEUED, async_result, None
+        manifest = self.queue.find_manifest(self.job_id, record)
+        if manifest is not None:
+            return JobState.SUCCEEDED, async_result, JobResult.from_manifest(manifest)
+        return JobState.UNKNOWN, async_result, None
+
+    def state(self) -> JobState:
+        """queued, running, retrying, succeeded, failed, cancelled, or unknown (never submitted,
+        or forgotten: no record and no manifest)."""
+        state, _, _ = self._look()
+        if not state.final and self.queue.redis.exists(cancel_key(self.job_id)):
+            return JobState.CANCELLED
+        return state
 
     def progress(self) -> dict[str, Any] | None:
         """Latest denoising progress: ``{"step", "total", "fraction", "at"}``, or None."""
@@ -256,30 +314,34 @@ class JobHandle:
 
     def result(self) -> JobResult | None:
         """The result if the job succeeded; raises JobFailed if it failed; None otherwise."""
-        async_result = self._async()
-        if async_result.state == "SUCCESS":
-            return JobResult.from_task_result(async_result.result)
-        if async_result.state in ("FAILURE", "REVOKED"):
+        state, async_result, result = self._look()
+        if state in (JobState.FAILED, JobState.CANCELLED):
             raise self._failure(async_result)
-        return None
+        return result
 
     def wait(self, timeout: float | None = 300.0) -> JobResult:
-        """Block until the job ends; returns its result or raises JobFailed / WaitTimeout."""
-        async_result = self._async()
-        try:
-            async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False, interval=0.05)
-        except TimeoutError:
-            raise WaitTimeout(f"job {self.job_id} not finished after {timeout}s; it goes on") from None
-        result = self.result()
+        """Block until the job ends; returns its result or raises JobFailed, WaitTimeout (a
+        TimeoutError: the job goes on) or JobNotFound (an id with no record and no manifest)."""
+        state, async_result, result = self._look()
+        if state is JobState.UNKNOWN:
+            raise JobNotFound(f"job {self.job_id}: no such job (never submitted, or forgotten: no manifest)")
+        if not state.final:
+            try:
+                async_result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False, interval=0.05)
+            except (CeleryTimeoutError, TimeoutError):
+                raise WaitTimeout(f"job {self.job_id} not finished after {timeout}s; it goes on") from None
+            result = self.result()
+        elif state is not JobState.SUCCEEDED:
+            raise self._failure(async_result)
         assert result is not None
         return result
 
     def _failure(self, async_result: AsyncResult) -> JobFailed:
         error = async_result.result
-        if async_result.state == "REVOKED" or type(error).__name__ == "JobCancelled":
-            return JobCancelled(self.job_id, "cancelled", "JobCancelled")
+        if state_of(async_result.state, error) is JobState.CANCELLED:
+            return JobCancelled(job_id=self.job_id, message="cancelled", error_type="JobCancelled")
         message = error.reason if isinstance(error, JobFailed) else str(error)
-        return JobFailed(self.job_id, message, type(error).__name__)
+        return JobFailed(job_id=self.job_id, message=message, error_type=type(error).__name__)
 
     def cancel(self) -> None:
         """Cancel: a queued job never runs; a running one stops at its next step."""

@@ -12,6 +12,7 @@
   + JobFailed               raised by the client when a job ended in failure
     - JobCancelled          the job was cancelled
   + WaitTimeout             the client gave up waiting; the job may still finish
+  + JobNotFound             no record and no manifest of this job id: never submitted, or forgotten
   + WebhookSignatureError   a received webhook is unsigned, wrongly signed or too old
   + StartupError            the worker cannot start (model, GPU, broker or storage setup)
     - LauncherError         the multi-GPU launcher cannot work out or start its GPUs
@@ -75,6 +76,10 @@ class JobCancelled(JobFailed):
 
 class WaitTimeout(SdqError, TimeoutError):
     """Waiting for a job took longer than the caller allowed; the job itself goes on."""
+
+
+class JobNotFound(SdqError, LookupError):
+    """No record of this job id and no manifest where its output would be."""
 
 
 class WebhookSignatureError(SdqError):

@@ -34,6 +34,16 @@ class ObjectRef:
         return f"s3://{self.bucket}/{self.key}"
 
 
+def job_folder(bucket: str, prefix: str, job_id: str) -> ObjectRef:
+    """Where a job's images and manifest go: ``{prefix}/{job_id}/`` in its output bucket."""
+    return ObjectRef(bucket, f"{prefix}/{job_id}" if prefix else job_id)
+
+
+def manifest_ref(folder: ObjectRef) -> ObjectRef:
+    """The manifest of a job folder: written last, the commit marker of a finished job."""
+    return ObjectRef(folder.bucket, f"{folder.key}/manifest.json")
+
+
 def _endpoint_netloc(endpoint_url: str | None) -> tuple[str, str] | None:
     if not endpoint_url:
         return None

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     submit_max_retries: int = 2
     """Publish retries before a submit fails with BrokerUnavailable (never hangs)."""
     result_ttl_s: int = 7 * 24 * 3600
+    """How long Celery keeps a job's result, and the submit-side record of a job id lives."""
+    output_record_ttl_s: int = 30 * 24 * 3600
+    """How long the record of a job with its own output location lives (at least result_ttl_s):
+    after the result expires, ``state()`` finds that job's manifest through it."""
 
     # --- object storage --------------------------------------------------------------------
     s3_endpoint_url: str | None = None

@@ -1,4 +1,5 @@
-"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs.
+"""Object storage as the client sees it: an S3 client for the configured endpoint, presigned URLs,
+manifest reads (a finished job's source of truth), and the mapping of S3 errors to sdqueue's.
 
 The worker's side (input download with limits, conditional writes) is
 ``sdqueue_worker.storage``.
@@ -6,13 +7,47 @@ The worker's side (input download with limits, conditional writes) is
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from sdqueue.errors import StorageRefused, StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.settings import Settings
+
+MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+ALREADY_THERE_CODES = {"412", "PreconditionFailed"}
+RETRYABLE_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "ConditionalRequestConflict",
+    "409",
+}
+
+
+def error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def classify_error(exc: Exception, what: str, refused: type[Exception] = StorageRefused) -> Exception:
+    """Map a boto error to a permanent (``refused``) or transient sdqueue error."""
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in RETRYABLE_CODES or status in RETRYABLE_CODES:
+            return StorageUnavailable(f"{what}: storage answered {code or status}")
+        return refused(f"{what}: storage refused the request ({code or status})")
+    return StorageUnavailable(f"{what}: storage unreachable ({type(exc).__name__})")
 
 
 def make_s3_client(settings: Settings) -> Any:
@@ -49,3 +84,16 @@ class Storage:
             ExpiresIn=expires_s or self.settings.presign_expires_s,
         )
         return url
+
+    def read_json(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """Read a JSON object, or None when it does not exist."""
+        try:
+            body = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in MISSING_CODES:
+                return None
+            raise classify_error(exc, f"reading {ref.url}") from None
+        except (BotoCoreError, BotoConnectionError) as exc:
+            raise classify_error(exc, f"reading {ref.url}") from None
+        manifest: dict[str, Any] = json.loads(body)
+        return manifest

@@ -20,6 +20,7 @@ from typing import Any
 from celery import signals
 
 from sdqueue.celeryconfig import make_celery
+from sdqueue.errors import StartupError
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.settings import get_worker_settings
@@ -40,7 +41,10 @@ app.conf.result_backend_base_sleep_between_retries_ms = 100
 def _load_model(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "worker"
     try:
-        state = start_state(settings, hostname)
+        state = start_state(settings, hostname, app)
+    except StartupError as exc:
+        log.error("the worker cannot start: %s", exc)
+        sys.exit(1)
     except Exception:
         log.exception("model load failed; the worker stops (fix the model setting: %s)", settings.model)
         sys.exit(1)

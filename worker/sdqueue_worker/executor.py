@@ -1,16 +1,24 @@
 """The GPU thread: the only code that touches the model, one pipeline call at a time.
 
 Celery task threads prepare jobs (validation, input download) and hand them here. The GPU
-thread takes the most urgent job (interactive lane first, then arrival order), adds compatible
-jobs (same mode, size, steps, guidance, scheduler, strength) up to ``max_batch`` images, and
-runs them as one call. It waits for more jobs only while other task threads are still preparing
-one, and never longer than the flush window, so a lone job is never delayed. Encoding and upload
-happen back in the task threads, overlapped with the next batch.
+thread takes the most urgent job (interactive lane first, then arrival order: one heap keyed
+``(lane_rank, arrival)``), adds compatible jobs (same ``batch_key``: mode, size, steps,
+guidance, scheduler, strength) up to ``max_batch`` images, and runs them as one call of its
+``generate`` function. It waits for more jobs only while other task threads are still
+preparing one, and never longer than the flush window, so a lone job is never delayed.
+Encoding and upload happen back in the task threads, overlapped with the next batch.
+
+The generate function is a parameter (production: ``run_batch`` bound to the runtime; tests:
+``sdqueue_worker.testing.FakeGenerate``), so everything decided here runs without a model.
+Life cycle: ``NEW`` -> ``start()`` -> ``STARTING`` (the ``prepare`` hook: optimise, compile,
+warm up, on the GPU thread) -> ``READY``, or ``DEFUNCT`` after a failed start or ``stop()``.
 """
 
 from __future__ import annotations
 
+import enum
 import gc
+import heapq
 import itertools
 import logging
 import os
@@ -18,23 +26,46 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 
-from sdqueue.errors import GenerationError, JobCancelled
+from sdqueue.errors import GenerationError, JobCancelled, StartupError
 from sdqueue_worker.accel import bucket_for
-from sdqueue_worker.generation import GenerationRequest, run_batch
-from sdqueue_worker.runtime import Runtime
+from sdqueue_worker.generation import GenerationRequest
 
 log = logging.getLogger(__name__)
 HARD_LIMIT_GRACE_S = 60.0
 """The watchdog exits the process when one pipeline call outlives the job time limit by this."""
+OOM_ADVICE = "lower width, height or num_images"
+
+
+class Generate(Protocol):
+    """One pipeline call for a batch: calls ``on_step(i)`` after each denoising step ``i`` (from 0)
+    and returns one uint8 array (N, H, W, 3) per request; ``pad_to`` is a compiled batch size."""
+
+    def __call__(
+        self, batch: list[GenerationRequest], on_step: Callable[[int], None], pad_to: int = 0
+    ) -> list[Any]: ...
+
+
+class ExecutorState(enum.Enum):
+    """Where the GPU thread is in its life (cog's ``WorkerState``)."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    DEFUNCT = "defunct"
 
 
 def job_slots(max_batch: int) -> int:
     """Celery task threads feeding the GPU thread: 1 without micro-batching, else 2 x max_batch,
     so one batch can be prepared and uploaded while another runs."""
     return 1 if max_batch == 1 else 2 * max_batch
+
+
+def _exit_process() -> None:
+    os._exit(75)
 
 
 class _Stop(Exception):
@@ -45,36 +76,81 @@ class _Stop(Exception):
         self.error = error
 
 
+def _images(batch: list[GenerationRequest]) -> int:
+    return sum(len(request.seeds) for request in batch)
+
+
 class GpuExecutor:
     """Serialises all model work on one thread and batches compatible jobs."""
 
     def __init__(
         self,
-        runtime: Runtime,
+        generate: Generate,
         max_batch: int,
         flush_window_s: float,
         time_limit_s: float,
         buckets: list[int] | None = None,
         prepare: Callable[[], object] | None = None,
+        hard_limit_s: float | None = None,
+        on_stuck: Callable[[], None] = _exit_process,
     ) -> None:
-        self.runtime = runtime
+        self.generate = generate
         self.max_batch = max_batch
         self.flush_window_s = flush_window_s
         self.time_limit_s = time_limit_s
-        self.hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
+        self.hard_limit_s = hard_limit_s if hard_limit_s is not None else time_limit_s + HARD_LIMIT_GRACE_S
         self.buckets = buckets
         self._prepare = prepare
-        self.ready = threading.Event()
+        self._on_stuck = on_stuck
+        self.state = ExecutorState.NEW
         self.start_error: BaseException | None = None
         self._cond = threading.Condition()
         self._pending: list[tuple[int, int, GenerationRequest]] = []
-        self._order = itertools.count()
+        """Heap of (lane_rank, arrival, request): the next job to run is ``_pending[0]``."""
+        self._arrival = itertools.count()
         self._preparing = 0
         self._busy_since: float | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopped = threading.Event()
         self.batches_run = 0
         self.busy_seconds = 0.0
-        threading.Thread(target=self._loop, name="sdq-gpu", daemon=True).start()
-        threading.Thread(target=self._watchdog, name="sdq-gpu-watchdog", daemon=True).start()
+
+    @property
+    def slots(self) -> int:
+        """How many task threads should feed this executor (Celery's concurrency)."""
+        return job_slots(self.max_batch)
+
+    def start(self) -> None:
+        """Start the GPU thread and the watchdog; returns once ``prepare`` ran (state READY).
+
+        Raises StartupError (state DEFUNCT) when ``prepare`` failed.
+        """
+        with self._cond:
+            if self.state is not ExecutorState.NEW:
+                raise StartupError(f"the GPU executor was already started (state {self.state.name})")
+            self.state = ExecutorState.STARTING
+        started = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(started,), name="sdq-gpu", daemon=True),
+            threading.Thread(target=self._watchdog, name="sdq-gpu-watchdog", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        started.wait()
+        if self.start_error is not None:
+            raise StartupError(f"GPU thread start-up failed: {self.start_error}") from self.start_error
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop taking work: jobs not started yet fail, a running call finishes first."""
+        with self._cond:
+            self.state = ExecutorState.DEFUNCT
+            self._stopped.set()
+            left, self._pending = self._pending, []
+            self._cond.notify_all()
+        _fail([request for _, _, request in left], GenerationError("the worker stopped before this job ran"))
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout_s)
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
@@ -89,103 +165,85 @@ class GpuExecutor:
                 self._cond.notify_all()
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
+        """Queue a job's share of work; its ``future`` ends with the pixels or the job's error."""
         with self._cond:
-            self._pending.append((request.lane_rank, next(self._order), request))
+            if self.state is ExecutorState.DEFUNCT:
+                request.future.set_exception(GenerationError("the GPU executor is not running"))
+                return request
+            heapq.heappush(self._pending, (request.lane_rank, next(self._arrival), request))
             self._cond.notify_all()
         return request
 
     def _take_batch(self) -> list[GenerationRequest]:
+        """The most urgent job plus compatible ones; [] once stopped."""
         with self._cond:
-            while not self._pending:
+            while not self._pending and self.state is not ExecutorState.DEFUNCT:
                 self._cond.wait()
-            first = min(self._pending)[2]
+            if not self._pending:
+                return []
             flush_at = time.monotonic() + self.flush_window_s
             while True:
-                batch = self._compatible(first)
+                batch = self._compatible()
                 remaining = flush_at - time.monotonic()
-                if (
-                    sum(len(r.seeds) for r in batch) >= self.max_batch
-                    or not self._preparing
-                    or remaining <= 0
-                ):
+                if _images(batch) >= self.max_batch or not self._preparing or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            chosen = {id(r) for r in batch}
+            chosen = {id(request) for request in batch}
             self._pending = [entry for entry in self._pending if id(entry[2]) not in chosen]
+            heapq.heapify(self._pending)
             return batch
 
-    def _compatible(self, first: GenerationRequest) -> list[GenerationRequest]:
+    def _compatible(self) -> list[GenerationRequest]:
+        first = self._pending[0][2]
         batch, images = [first], len(first.seeds)
-        for _, _, request in sorted(self._pending, key=lambda entry: entry[:2]):
-            if request is first or request.batch_key != first.batch_key:
-                continue
-            if images + len(request.seeds) <= self.max_batch:
+        for _, _, request in sorted(self._pending)[1:]:
+            if request.batch_key == first.batch_key and images + len(request.seeds) <= self.max_batch:
                 batch.append(request)
                 images += len(request.seeds)
         return batch
 
-    def wait_ready(self) -> None:
-        """Block until the GPU thread finished its start-up work (optimise, compile, warm-up)."""
-        self.ready.wait()
-        if self.start_error is not None:
-            raise RuntimeError(f"GPU thread start-up failed: {self.start_error}") from self.start_error
-
-    def _loop(self) -> None:
+    def _loop(self, started: threading.Event) -> None:
         try:
             if self._prepare:
                 self._prepare()
         except BaseException as exc:
             self.start_error = exc
+            self.state = ExecutorState.DEFUNCT
             return
+        else:
+            with self._cond:
+                if self.state is ExecutorState.STARTING:
+                    self.state = ExecutorState.READY
         finally:
-            self.ready.set()
-        while True:
-            batch = [r for r in self._take_batch() if self._still_wanted(r)]
+            started.set()
+        while self.state is not ExecutorState.DEFUNCT:
+            batch = [request for request in self._take_batch() if _still_wanted(request)]
             if batch:
                 self._run(batch)
-
-    @staticmethod
-    def _still_wanted(request: GenerationRequest) -> bool:
-        if request.cancelled():
-            request.future.set_exception(JobCancelled(request.job_id, "cancelled before it started"))
-            return False
-        return True
 
     def _run(self, batch: list[GenerationRequest]) -> None:
         started = time.monotonic()
         self._busy_since = started
         try:
-            images = sum(len(r.seeds) for r in batch)
+            images = _images(batch)
             for request in batch:
                 request.batch_images = images
             pad_to = bucket_for(images, self.buckets) if self.buckets else 0
-            results = run_batch(self.runtime, batch, self._step_callback(batch), pad_to)
+            results = self.generate(batch, self._step_callback(batch), pad_to)
         except _Stop as stop:
-            self._fail(batch, stop.error)
+            _fail(batch, stop.error)
         except torch.cuda.OutOfMemoryError:
             self._out_of_memory(batch)
         except Exception as exc:  # a pipeline bug must fail these jobs, never the worker
             log.exception("pipeline call failed for %s", [r.job_id for r in batch])
-            self._fail(batch, GenerationError(f"pipeline error: {type(exc).__name__}: {exc}"))
+            _fail(batch, GenerationError(f"pipeline error: {type(exc).__name__}: {exc}"))
         else:
             for request, pixels in zip(batch, results, strict=False):
-                self._settle(request, pixels)
+                _settle(request, pixels)
         finally:
             self._busy_since = None
             self.busy_seconds += time.monotonic() - started
             self.batches_run += 1
-
-    def _settle(self, request: GenerationRequest, pixels: object) -> None:
-        if request.cancelled():
-            request.future.set_exception(JobCancelled(request.job_id, "cancelled while running"))
-        else:
-            request.future.set_result(pixels)
-
-    @staticmethod
-    def _fail(batch: list[GenerationRequest], error: Exception) -> None:
-        for request in batch:
-            if not request.future.done():
-                request.future.set_exception(error)
 
     def _out_of_memory(self, batch: list[GenerationRequest]) -> None:
         free_memory()
@@ -195,21 +253,16 @@ class GpuExecutor:
                 self._run([request])
             return
         job = batch[0].job
-        self._fail(
-            batch,
-            GenerationError(
-                f"out of GPU memory for {job.num_images} image(s) of {job.width}x{job.height}; "
-                "lower width, height or num_images"
-            ),
-        )
+        message = f"out of GPU memory for {job.num_images} image(s) of {job.width}x{job.height}; {OOM_ADVICE}"
+        _fail(batch, GenerationError(message))
 
-    def _step_callback(self, batch: list[GenerationRequest]):  # type: ignore[no-untyped-def]
+    def _step_callback(self, batch: list[GenerationRequest]) -> Callable[[int], None]:
         def on_step(step: int) -> None:
             for request in batch:
                 if request.on_progress:
                     request.on_progress(step + 1, request.total_steps)
             if all(request.cancelled() for request in batch):
-                raise _Stop(JobCancelled(batch[0].job_id, "cancelled while running"))
+                raise _Stop(JobCancelled(job_id=batch[0].job_id, message="cancelled while running"))
             if time.monotonic() > min(request.deadline for request in batch):
                 raise _Stop(
                     GenerationError(
@@ -226,14 +279,37 @@ class GpuExecutor:
         Messages are redelivered once the lease lapses; the delivery cap stops a job that hangs
         every time.
         """
-        while True:
-            time.sleep(1.0)
+        tick = min(1.0, max(self.hard_limit_s / 4, 0.01))
+        while not self._stopped.wait(tick):
             since = self._busy_since
             if since is not None and time.monotonic() - since > self.hard_limit_s:
                 log.critical(
                     "GPU call stuck for over %.0fs; exiting so the worker restarts", self.hard_limit_s
                 )
-                os._exit(75)
+                self._on_stuck()
+                return
+
+
+def _still_wanted(request: GenerationRequest) -> bool:
+    if request.cancelled():
+        request.future.set_exception(
+            JobCancelled(job_id=request.job_id, message="cancelled before it started")
+        )
+        return False
+    return True
+
+
+def _settle(request: GenerationRequest, pixels: object) -> None:
+    if request.cancelled():
+        request.future.set_exception(JobCancelled(job_id=request.job_id, message="cancelled while running"))
+    else:
+        request.future.set_result(pixels)
+
+
+def _fail(batch: list[GenerationRequest], error: Exception) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(error)
 
 
 def free_memory() -> None:

@@ -18,7 +18,8 @@ import numpy as np
 
 from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob, derived_seed, parse_job
 from sdqueue.errors import JobValidationError
-from sdqueue.locations import ObjectRef, allowed_input
+from sdqueue.locations import ObjectRef, allowed_input, job_folder
+from sdqueue.locations import manifest_ref as manifest_location
 from sdqueue.webhooks import check_webhook_url
 from sdqueue_worker.defaults import native_side, size_of, with_model_size
 from sdqueue_worker.executor import GpuExecutor
@@ -45,8 +46,9 @@ class JobContext:
     on_progress: ProgressFn | None = None
     is_cancelled: Any = None
     maybe_done: bool = True
-    """False only for a first delivery of a fresh message; the manifest check is then skipped
-    (a later duplicate still meets the conditional manifest write)."""
+    """Look for the job's manifest before generating (the task layer always does: a resubmit after
+    the result TTL, a redelivery). False skips that S3 read; a duplicate then still meets the
+    conditional manifest write."""
 
 
 def validate_payload(mode: str, payload: dict[str, Any], job_id: str, settings: WorkerSettings) -> Job:
@@ -86,7 +88,7 @@ def job_seeds(job: Job, job_id: str) -> list[int]:
 def output_dir(job: Job, job_id: str, settings: WorkerSettings) -> ObjectRef:
     bucket = job.output.bucket if job.output else settings.output_bucket
     prefix = job.output.prefix if job.output else settings.output_prefix
-    return ObjectRef(bucket, f"{prefix}/{job_id}" if prefix else job_id)
+    return job_folder(bucket, prefix, job_id)
 
 
 class JobRunner:
@@ -111,7 +113,7 @@ class JobRunner:
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
         folder = output_dir(job, ctx.job_id, self.settings)
-        manifest_ref = ObjectRef(folder.bucket, f"{folder.key}/manifest.json")
+        manifest_ref = manifest_location(folder)
         existing = self.storage.read_json(manifest_ref) if ctx.maybe_done else None
         if existing is not None:
             return result_from_manifest(existing)

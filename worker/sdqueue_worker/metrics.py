@@ -26,11 +26,18 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from sdqueue.states import JobState
 from sdqueue_worker.outcomes import JOB_TASKS, outcome_of
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("succeeded", "failed", "cancelled", "retried")
+OUTCOME_LABELS = {
+    JobState.SUCCEEDED: "succeeded",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+    JobState.RETRYING: "retried",
+}
+"""The ``outcome`` label of ``sdqueue_jobs_total`` for each way a delivery ends."""
 PHASES = {
     "queue_wait_s": "queue_wait",
     "input_fetch_s": "input_fetch",
@@ -62,7 +69,7 @@ NOTIFICATIONS = Counter(
 )
 
 for _mode in JOB_TASKS.values():
-    for _outcome in OUTCOMES:
+    for _outcome in OUTCOME_LABELS.values():
         JOBS.labels(_mode, _outcome)
 for _phase in PHASES.values():
     DURATION.labels(_phase)
@@ -118,11 +125,11 @@ def _count_delivery(sender: Any = None, state: str | None = None, retval: Any = 
     mode = JOB_TASKS.get(getattr(sender, "name", ""))
     outcome = outcome_of(state or "", retval)
     if mode and outcome:
-        JOBS.labels(mode, outcome).inc()
+        JOBS.labels(mode, OUTCOME_LABELS[outcome]).inc()
 
 
 @signals.task_revoked.connect
 def _count_revoked(sender: Any = None, **_: Any) -> None:
     mode = JOB_TASKS.get(getattr(sender, "name", ""))
     if mode:
-        JOBS.labels(mode, "cancelled").inc()
+        JOBS.labels(mode, OUTCOME_LABELS[JobState.CANCELLED]).inc()

@@ -28,11 +28,12 @@ from celery import Task, signals
 
 from sdqueue.errors import JobCancelled, JobValidationError
 from sdqueue.names import NOTIFY_QUEUE, NOTIFY_TASK
+from sdqueue.states import JobState
 from sdqueue.webhooks import check_webhook_url, signed_headers, webhook_id
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.metrics import NOTIFICATIONS
-from sdqueue_worker.outcomes import FINAL, JOB_TASKS, outcome_of
+from sdqueue_worker.outcomes import JOB_TASKS, outcome_of
 from sdqueue_worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
 
 
-def notification_data(job_id: str, state: str, retval: Any) -> dict[str, Any]:
+def notification_data(job_id: str, state: JobState, retval: Any) -> dict[str, Any]:
     """What both channels carry: the job id, its final state, its result or its error."""
-    data: dict[str, Any] = {"job_id": job_id, "state": state}
-    if state == "succeeded":
+    data: dict[str, Any] = {"job_id": job_id, "state": state.value}
+    if state is JobState.SUCCEEDED:
         data["result"] = retval
     else:
         message = getattr(retval, "reason", None) or str(retval)
@@ -163,7 +164,7 @@ def _on_job_end(
     if getattr(sender, "name", "") not in JOB_TASKS or not isinstance(kwargs, dict):
         return
     outcome = outcome_of(state or "", retval)
-    if outcome in FINAL and (kwargs.get("callback_task") or kwargs.get("webhook_url")):
+    if outcome is not None and outcome.final and (kwargs.get("callback_task") or kwargs.get("webhook_url")):
         send_notifications(kwargs, notification_data(str(task_id), outcome, retval))
 
 
@@ -173,4 +174,4 @@ def _on_job_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     if getattr(sender, "name", "") in JOB_TASKS and isinstance(kwargs, dict):
         if kwargs.get("callback_task") or kwargs.get("webhook_url"):
             error = JobCancelled(str(request.id), "cancelled before it started")
-            send_notifications(kwargs, notification_data(str(request.id), "cancelled", error))
+            send_notifications(kwargs, notification_data(str(request.id), JobState.CANCELLED, error))

@@ -12,6 +12,7 @@ at every step the unmasked latents are reset to the noised input's.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 
+from sdqueue.errors import StartupError
 from sdqueue_worker.loading import load_pipeline
 from sdqueue_worker.loras import LoraCache, LoraRegistry
 from sdqueue_worker.safety import SafetyChecker
@@ -28,6 +30,10 @@ from sdqueue_worker.schedulers import build_schedulers
 from sdqueue_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+MIN_VERSIONS = {"diffusers": (0, 40), "transformers": (5, 6)}
+"""Oldest versions that work (pyproject's floors): diffusers 0.40 for ``from_pretrained(dtype=...)``;
+transformers 5.6 to load text encoders saved by current transformers (older 5.x releases load
+them with random weights, without an error)."""
 SHARED_MODULES = ("unet", "vae", "text_encoder", "tokenizer")
 LOAD_COUNT = 0
 
@@ -74,11 +80,33 @@ def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: 
     kind = type(img2img).__name__
     for name in SHARED_MODULES:
         if getattr(txt2img, name) is not getattr(img2img, name):
-            raise RuntimeError(f"{kind} does not share {name} with txt2img: VRAM would double")
+            raise StartupError(f"{kind} does not share {name} with txt2img: VRAM would double")
     for name in ("unet", "vae", "text_encoder"):
         module_dtype = getattr(txt2img, name).dtype
         if module_dtype != dtype:
-            raise RuntimeError(f"{name} is {module_dtype} after building {kind}, expected {dtype}")
+            raise StartupError(f"{name} is {module_dtype} after building {kind}, expected {dtype}")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(0, 40, 1) for "0.40.1.dev0": the leading numeric parts."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_versions(versions: dict[str, str]) -> None:
+    """Refuse to start on a library older than sdqueue's floor, saying which and what to install."""
+    for name, floor in MIN_VERSIONS.items():
+        if name in versions and _release(versions[name]) < floor:
+            wanted = ".".join(map(str, floor))
+            raise StartupError(
+                f"{name} {versions[name]} is older than {wanted}, which the worker needs: "
+                f'pip install "{name}>={wanted}" (or reinstall "sdqueue[worker]")'
+            )
 
 
 def library_versions() -> dict[str, str]:
@@ -96,6 +124,8 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
     """Load the model components once and build both pipelines over them."""
     global LOAD_COUNT
     started = time.perf_counter()
+    versions = library_versions()
+    check_versions(versions)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
     if device.type == "cuda" and settings.gpu_memory_fraction:
@@ -121,7 +151,7 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
         model_id=settings.model,
         load_seconds=time.perf_counter() - started,
         load_count=LOAD_COUNT,
-        versions=library_versions(),
+        versions=versions,
     )
     if settings.safety_checker:
         runtime.safety = SafetyChecker.take_from([txt2img, img2img, inpaint])

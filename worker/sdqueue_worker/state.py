@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
 
 import redis
+from celery import Celery
 
+from sdqueue.errors import StartupError
 from sdqueue.names import model_loads_key
 from sdqueue_worker.accel import optimise, use_compile, warm_up
 from sdqueue_worker.executor import GpuExecutor
-from sdqueue_worker.guards import SignalPump
+from sdqueue_worker.generation import run_batch
 from sdqueue_worker.jobs import JobRunner
+from sdqueue_worker.progress import ProgressPublisher, SignalPump
 from sdqueue_worker.runtime import Runtime, load_runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
@@ -50,24 +54,28 @@ def redis_client(settings: WorkerSettings) -> redis.Redis:
     )
 
 
-def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
-    """Load the model (once per process) and start the GPU thread."""
+def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = None) -> WorkerState:
+    """Load the model (once per process), start the GPU thread and the progress pump.
+
+    ``app`` is the worker's Celery app, which progress is published through (None: Redis only).
+    """
     global _STATE
     if _STATE is not None:
         return _STATE
     runtime = load_runtime(settings)
     executor = GpuExecutor(
-        runtime,
+        functools.partial(run_batch, runtime),
         settings.max_batch,
         settings.flush_window_ms / 1000.0,
         time_limit_s=settings.job_time_limit_s,
         buckets=settings.compile_batch_sizes if use_compile(settings, runtime) else None,
         prepare=lambda: _prepare_gpu(runtime, settings),
     )
-    executor.wait_ready()
+    executor.start()
     storage = WorkerStorage(settings)
     client = redis_client(settings)
     client.incr(model_loads_key(hostname))
+    publisher = ProgressPublisher(app, hostname) if app is not None else None
     _STATE = WorkerState(
         settings,
         hostname,
@@ -76,7 +84,7 @@ def start_state(settings: WorkerSettings, hostname: str) -> WorkerState:
         storage,
         client,
         JobRunner(settings, runtime, executor, storage, hostname),
-        SignalPump(settings.progress_interval_s),
+        SignalPump(client, settings.progress_interval_s, publisher.publish if publisher else None).start(),
     )
     return _STATE
 
@@ -90,5 +98,5 @@ def _prepare_gpu(runtime: Runtime, settings: WorkerSettings) -> None:
 
 def get_state() -> WorkerState:
     if _STATE is None:
-        raise RuntimeError("worker state not started: tasks run only inside `sdqueue worker`")
+        raise StartupError("worker state not started: tasks run only inside `sdqueue worker`")
     return _STATE

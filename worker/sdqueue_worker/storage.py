@@ -8,45 +8,12 @@ commit marker, and readers trust only a job whose manifest exists.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from sdqueue.errors import InputImageError, StorageRefused, StorageUnavailable
+from sdqueue.errors import InputImageError
 from sdqueue.locations import ObjectRef
-from sdqueue.storage import Storage
-
-_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
-_ALREADY_THERE = {"412", "PreconditionFailed"}
-_RETRYABLE_CODES = {
-    "500",
-    "502",
-    "503",
-    "504",
-    "SlowDown",
-    "RequestTimeout",
-    "InternalError",
-    "ServiceUnavailable",
-    "ConditionalRequestConflict",
-    "409",
-}
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _classify(exc: Exception, what: str, refused: type[Exception] = StorageRefused) -> Exception:
-    """Map a boto error to a permanent (``refused``) or transient sdqueue error."""
-    if isinstance(exc, ClientError):
-        code = _code(exc)
-        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if code in _RETRYABLE_CODES or status in _RETRYABLE_CODES:
-            return StorageUnavailable(f"{what}: storage answered {code or status}")
-        return refused(f"{what}: storage refused the request ({code or status})")
-    return StorageUnavailable(f"{what}: storage unreachable ({type(exc).__name__})")
+from sdqueue.storage import ALREADY_THERE_CODES, MISSING_CODES, Storage, classify_error, error_code
 
 
 class WorkerStorage(Storage):
@@ -66,11 +33,11 @@ class WorkerStorage(Storage):
             body = self.client.get_object(Bucket=ref.bucket, Key=ref.key, Range=f"bytes=0-{limit}")["Body"]
             data = body.read(limit + 1)
         except ClientError as exc:
-            if _code(exc) in _MISSING or "404" in str(exc):
+            if error_code(exc) in MISSING_CODES or "404" in str(exc):
                 raise InputImageError(f"image_url {ref.url}: no such object; upload it first") from None
-            raise _classify(exc, f"reading {ref.url}", InputImageError) from None
+            raise classify_error(exc, f"reading {ref.url}", InputImageError) from None
         except (BotoCoreError, BotoConnectionError) as exc:
-            raise _classify(exc, f"reading {ref.url}") from None
+            raise classify_error(exc, f"reading {ref.url}") from None
         if len(data) > limit:
             raise InputImageError(f"image_url {ref.url}: over the {limit}-byte limit")
         return data, str(head.get("ETag", "")).strip('"')
@@ -88,21 +55,8 @@ class WorkerStorage(Storage):
             )
             return True
         except ClientError as exc:
-            if _code(exc) in _ALREADY_THERE:
+            if error_code(exc) in ALREADY_THERE_CODES:
                 return False
-            raise _classify(exc, f"writing {ref.url}") from None
+            raise classify_error(exc, f"writing {ref.url}") from None
         except (BotoCoreError, BotoConnectionError) as exc:
-            raise _classify(exc, f"writing {ref.url}") from None
-
-    def read_json(self, ref: ObjectRef) -> dict[str, Any] | None:
-        """Read a JSON object, or None when it does not exist."""
-        try:
-            body = self.client.get_object(Bucket=ref.bucket, Key=ref.key)["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise _classify(exc, f"reading {ref.url}") from None
-        except (BotoCoreError, BotoConnectionError) as exc:
-            raise _classify(exc, f"reading {ref.url}") from None
-        manifest: dict[str, Any] = json.loads(body)
-        return manifest
+            raise classify_error(exc, f"writing {ref.url}") from None

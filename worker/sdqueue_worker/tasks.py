@@ -10,20 +10,10 @@ from sdqueue.errors import JobCancelled, TransientError
 from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key, is_bulk_queue
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
-from sdqueue_worker.events import ProgressPublisher
-from sdqueue_worker.guards import StepSignals, count_delivery, run_lease
+from sdqueue_worker.guards import count_delivery, run_lease
 from sdqueue_worker.jobs import JobContext, validate_payload
+from sdqueue_worker.progress import StepSignals
 from sdqueue_worker.state import get_state
-
-_publisher: ProgressPublisher | None = None
-
-
-def _publish(job_id: str):  # type: ignore[no-untyped-def]
-    global _publisher
-    if _publisher is None:
-        _publisher = ProgressPublisher(app, get_state().hostname)
-    publisher = _publisher
-    return lambda body: publisher.publish(job_id, body)
 
 
 def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
@@ -34,7 +24,7 @@ def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
         is_cancelled=signals.cancelled,
-        maybe_done=bool((task.request.delivery_info or {}).get("redelivered")) or bool(task.request.retries),
+        maybe_done=True,  # also a fresh message: a resubmit after the result TTL must not regenerate
     )
 
 
@@ -55,7 +45,7 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
         with state.lock:
             state.running[job_id] = token
         try:
-            signals = state.signals.open(StepSignals(state.redis, job_id, _publish(job_id)))
+            signals = state.signals.open(job_id)
             try:
                 return state.runner.run(job, _context(task, job_id, signals))
             finally:

@@ -1,0 +1,322 @@
+"""The GPU executor in-process, driven by FakeGenerate: no model, no services, a few seconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from sdqueue.contract import Img2ImgJob, Txt2ImgJob
+from sdqueue.errors import GenerationError, JobCancelled, StartupError
+from sdqueue_worker.executor import ExecutorState, GpuExecutor, job_slots
+from sdqueue_worker.generation import GenerationRequest
+from sdqueue_worker.testing import FakeGenerate
+
+WAIT_S = 20.0
+"""Upper bound for anything to happen on a loaded CI machine; tests normally take milliseconds."""
+
+
+def request(
+    job_id: str,
+    lane_rank: int = 0,
+    images: int = 1,
+    steps: int = 2,
+    width: int = 64,
+    deadline_s: float = 60.0,
+    cancelled: threading.Event | None = None,
+) -> GenerationRequest:
+    job = Txt2ImgJob(prompt=job_id, width=width, height=64, steps=steps, num_images=images)
+    return GenerationRequest(
+        job=job,
+        job_id=job_id,
+        seeds=list(range(images)),
+        deadline=time.monotonic() + deadline_s,
+        lane_rank=lane_rank,
+        is_cancelled=cancelled.is_set if cancelled else None,
+    )
+
+
+@contextmanager
+def running(
+    fake: FakeGenerate, max_batch: int = 1, flush_window_s: float = 0.0, **kw: Any
+) -> Iterator[GpuExecutor]:
+    executor = GpuExecutor(fake, max_batch, flush_window_s, time_limit_s=kw.pop("time_limit_s", 60.0), **kw)
+    try:
+        yield executor
+    finally:
+        fake.release.set()
+        executor.stop()
+
+
+def outcome(req: GenerationRequest) -> Any:
+    return req.future.result(timeout=WAIT_S)
+
+
+def error_of(req: GenerationRequest) -> BaseException | None:
+    future: Future[Any] = req.future
+    return future.exception(timeout=WAIT_S)
+
+
+def test_states_and_slots() -> None:
+    fake = FakeGenerate()
+    executor = GpuExecutor(fake, max_batch=4, flush_window_s=0.0, time_limit_s=10.0)
+    assert executor.state is ExecutorState.NEW
+    assert not [t for t in threading.enumerate() if t.name.startswith("sdq-gpu")], "no thread before start()"
+    assert executor.slots == job_slots(4) == 8 and job_slots(1) == 1
+    executor.start()
+    assert executor.state is ExecutorState.READY
+    with pytest.raises(StartupError, match="already started"):
+        executor.start()
+    executor.stop()
+    assert executor.state is ExecutorState.DEFUNCT
+    late = executor.submit(request("late"))
+    assert isinstance(error_of(late), GenerationError)
+    assert fake.job_ids == []
+
+
+def test_failed_prepare_is_a_startup_error() -> None:
+    def prepare() -> None:
+        raise ValueError("no such GPU")
+
+    executor = GpuExecutor(FakeGenerate(), 1, 0.0, 10.0, prepare=prepare)
+    with pytest.raises(StartupError, match="no such GPU"):
+        executor.start()
+    assert executor.state is ExecutorState.DEFUNCT
+
+
+def test_interactive_before_bulk_then_arrival() -> None:
+    fake = FakeGenerate()
+    with running(fake) as executor:
+        reqs = [
+            executor.submit(request(name, lane_rank=rank))
+            for name, rank in (("b1", 1), ("i1", 0), ("b2", 1), ("i2", 0), ("i3", 0))
+        ]
+        executor.start()
+        for req in reqs:
+            outcome(req)
+    assert fake.job_ids == [["i1"], ["i2"], ["i3"], ["b1"], ["b2"]]
+
+
+def test_new_interactive_job_overtakes_queued_bulk() -> None:
+    fake = FakeGenerate(hang_when=lambda batch: batch[0].job_id == "first")
+    with running(fake) as executor:
+        executor.start()
+        first = executor.submit(request("first", lane_rank=1))
+        assert fake.started.wait(WAIT_S)
+        bulk = executor.submit(request("bulk", lane_rank=1))
+        urgent = executor.submit(request("urgent", lane_rank=0))
+        fake.release.set()
+        for req in (first, bulk, urgent):
+            outcome(req)
+    assert fake.job_ids == [["first"], ["urgent"], ["bulk"]]
+
+
+def test_compatible_jobs_share_a_call_up_to_max_batch() -> None:
+    fake = FakeGenerate()
+    with running(fake, max_batch=4) as executor:
+        reqs = [
+            executor.submit(request("a", images=1)),
+            executor.submit(request("wide", width=128)),  # other size: other batch_key
+            executor.submit(request("b", images=2)),
+            executor.submit(request("c", images=2)),  # would make 5 images
+            executor.submit(request("d", images=1)),
+        ]
+        executor.start()
+        pixels = [outcome(req) for req in reqs]
+    assert fake.job_ids == [["a", "b", "d"], ["wide"], ["c"]]
+    assert [req.batch_images for req in reqs] == [4, 1, 4, 2, 4]
+    assert [p.shape for p in pixels] == [
+        (1, 64, 64, 3),
+        (1, 64, 128, 3),
+        (2, 64, 64, 3),
+        (2, 64, 64, 3),
+        (1, 64, 64, 3),
+    ]
+
+
+def test_img2img_and_txt2img_never_share_a_call() -> None:
+    fake = FakeGenerate()
+    with running(fake, max_batch=4) as executor:
+        img = Img2ImgJob(
+            prompt="p", image_url="s3://inputs/a.png", width=64, height=64, steps=4, strength=0.5
+        )
+        reqs = [
+            executor.submit(request("t")),
+            executor.submit(
+                GenerationRequest(job=img, job_id="i", seeds=[0], deadline=time.monotonic() + 60)
+            ),
+        ]
+        executor.start()
+        for req in reqs:
+            outcome(req)
+    assert fake.job_ids == [["t"], ["i"]]
+    assert fake.steps_run == 2 + 2  # img2img runs steps * strength, like the real pipeline
+
+
+def test_buckets_pad_the_call() -> None:
+    fake = FakeGenerate()
+    with running(fake, max_batch=4, buckets=[1, 4]) as executor:
+        reqs = [executor.submit(request("a")), executor.submit(request("b"))]
+        executor.start()
+        for req in reqs:
+            outcome(req)
+    assert fake.pad_to == [4]
+
+
+def test_lone_job_is_not_delayed_by_the_flush_window() -> None:
+    fake = FakeGenerate()
+    window = 5.0
+    with running(fake, max_batch=4, flush_window_s=window) as executor:
+        executor.start()
+        began = time.monotonic()
+        with executor.preparing():  # as JobRunner does: submit inside its own preparing block
+            req = executor.submit(request("alone"))
+        outcome(req)
+        assert time.monotonic() - began < window / 2
+    assert fake.job_ids == [["alone"]]
+
+
+def test_flush_window_waits_for_a_job_still_preparing() -> None:
+    fake = FakeGenerate()
+    with running(fake, max_batch=4, flush_window_s=WAIT_S) as executor:
+        executor.start()
+        with executor.preparing():  # another task thread, still downloading its input
+            with executor.preparing():
+                first = executor.submit(request("first"))
+            time.sleep(0.2)  # the GPU thread has the first job and waits in the window meanwhile
+            second = executor.submit(request("second"))
+        outcome(first)
+        outcome(second)
+    assert fake.job_ids == [["first", "second"]]
+
+
+def test_flush_window_never_waits_past_the_window() -> None:
+    fake = FakeGenerate()
+    window = 0.3
+    with running(fake, max_batch=4, flush_window_s=window) as executor:
+        executor.start()
+        with executor.preparing():  # another task thread, stuck preparing while we wait
+            began = time.monotonic()
+            with executor.preparing():
+                req = executor.submit(request("first"))
+            outcome(req)
+            waited = time.monotonic() - began
+    assert window * 0.9 <= waited < window + WAIT_S / 2
+    assert fake.job_ids == [["first"]]
+
+
+def test_cancel_before_start_never_reaches_the_gpu() -> None:
+    fake = FakeGenerate()
+    cancelled = threading.Event()
+    cancelled.set()
+    with running(fake) as executor:
+        req = executor.submit(request("gone", cancelled=cancelled))
+        keep = executor.submit(request("kept"))
+        executor.start()
+        error = error_of(req)
+        outcome(keep)
+    assert isinstance(error, JobCancelled) and "before it started" in str(error)
+    assert fake.job_ids == [["kept"]]
+
+
+def test_cancel_while_running_stops_at_the_next_step() -> None:
+    fake = FakeGenerate(step_s=0.02)
+    cancelled = threading.Event()
+    req = request("run", steps=150, cancelled=cancelled)
+    req.on_progress = lambda step, total: cancelled.set() if step == 3 else None
+    with running(fake) as executor:
+        executor.start()
+        executor.submit(req)
+        error = error_of(req)
+    assert isinstance(error, JobCancelled) and "while running" in str(error)
+    assert fake.steps_run < 50
+
+
+def test_cancel_of_one_job_in_a_batch_lets_the_others_finish() -> None:
+    fake = FakeGenerate(step_s=0.01)
+    cancelled = threading.Event()
+    with running(fake, max_batch=2) as executor:
+        gone = executor.submit(request("gone", steps=6, cancelled=cancelled))
+        kept = executor.submit(request("kept", steps=6))
+        gone.on_progress = lambda step, total: cancelled.set()
+        executor.start()
+        assert isinstance(error_of(gone), JobCancelled)
+        assert outcome(kept).shape == (1, 64, 64, 3)
+    assert fake.job_ids == [["gone", "kept"]] and fake.steps_run == 6
+
+
+def test_deadline_stops_the_call_at_a_step() -> None:
+    fake = FakeGenerate(step_s=0.02)
+    with running(fake, time_limit_s=0.1) as executor:
+        executor.start()
+        req = executor.submit(request("slow", steps=150, deadline_s=0.1))
+        error = error_of(req)
+    assert isinstance(error, GenerationError)
+    assert "job time limit (0.1 s" in str(error) and "lower steps" in str(error)
+    assert fake.steps_run < 100
+
+
+def test_out_of_memory_batch_is_rerun_job_by_job() -> None:
+    fake = FakeGenerate(oom_when=lambda batch: len(batch) > 1)
+    with running(fake, max_batch=4) as executor:
+        reqs = [executor.submit(request("a")), executor.submit(request("b", images=2))]
+        executor.start()
+        shapes = [outcome(req).shape for req in reqs]
+    assert fake.job_ids == [["a", "b"], ["a"], ["b"]]
+    assert shapes == [(1, 64, 64, 3), (2, 64, 64, 3)]
+
+
+def test_out_of_memory_single_job_fails_with_advice() -> None:
+    fake = FakeGenerate(oom_when=lambda batch: True)
+    with running(fake) as executor:
+        executor.start()
+        req = executor.submit(request("big", images=3))
+        error = error_of(req)
+        after = executor.submit(request("next", images=1))  # the executor goes on serving
+        assert isinstance(error_of(after), GenerationError)
+    assert isinstance(error, GenerationError)
+    assert "out of GPU memory for 3 image(s) of 64x64; lower width, height or num_images" in str(error)
+
+
+def test_pipeline_bug_fails_the_batch_not_the_executor() -> None:
+    calls = {"n": 0}
+
+    def generate(batch: list[GenerationRequest], on_step: Any, pad_to: int = 0) -> list[Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("boom")
+        return FakeGenerate()(batch, on_step, pad_to)
+
+    with running(FakeGenerate()) as executor:
+        executor.generate = generate
+        executor.start()
+        broken = executor.submit(request("broken"))
+        assert "pipeline error: ValueError: boom" in str(error_of(broken))
+        assert outcome(executor.submit(request("fine"))).shape == (1, 64, 64, 3)
+
+
+def test_watchdog_fires_on_a_call_that_never_reaches_a_step() -> None:
+    stuck = threading.Event()
+    fake = FakeGenerate(hang_when=lambda batch: True)
+    with running(fake, hard_limit_s=0.2, on_stuck=stuck.set) as executor:
+        executor.start()
+        executor.submit(request("hung"))
+        assert stuck.wait(WAIT_S)
+
+
+def test_stop_fails_jobs_that_never_started() -> None:
+    fake = FakeGenerate(hang_when=lambda batch: batch[0].job_id == "running")
+    executor = GpuExecutor(fake, 1, 0.0, 60.0)
+    executor.start()
+    first = executor.submit(request("running"))
+    assert fake.started.wait(WAIT_S)
+    waiting = executor.submit(request("waiting"))
+    threading.Timer(0.1, fake.release.set).start()
+    executor.stop()
+    assert outcome(first).shape == (1, 64, 64, 3)
+    assert "stopped before this job ran" in str(error_of(waiting))
