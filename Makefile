@@ -8,24 +8,29 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 LINT_PATHS := producer worker devstack tests benchmarks examples
 
-.PHONY: install test test-unit demo lint bench-queue bench-gpu tiny-model schema constraints clean redis-server
+.PHONY: install browser bench-server test test-unit demo dev lint bench-queue bench-gpu tiny-model schema constraints clean redis-server settings-doc
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e '.[worker,monitor,test,lint]'
+	$(PIP) install -q -c constraints.txt -e '.[worker,monitor,server,test,lint]'
 	touch $(STAMP)
 
-install: $(STAMP) redis-server
+install: $(STAMP) redis-server browser
 
 redis-server:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
+# Debian's chromium for the browser tests (Flower's pages, the try-it page); playwright drives it,
+# its own browser download is never used.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 tiny-model: install
 	$(PY) -m sdqueue.cli build-tiny-model .cache/tiny-sd
 
-test: install tiny-model
+test: install tiny-model browser
 	$(PY) -m pytest -m "not gpu" -q
 
 # The unit layer alone: seconds, no services, no model.
@@ -40,8 +45,17 @@ lint: install
 demo: install tiny-model
 	$(PY) -m devstack.demo
 
+# A local stack that stays up until Ctrl-C: Redis, S3 (moto), a tiny-model worker, the notifier,
+# Flower (and `sdqueue serve` where it exists); prints the URLs and the export lines.
+dev: install tiny-model
+	$(PY) -m devstack.dev
+
 schema: install
 	$(PY) -m sdqueue.cli schema > docs/job-schema.json
+
+# docs/settings.md from the settings classes (tests/unit/test_settings_reference.py checks it).
+settings-doc: install
+	$(PY) -m sdqueue_worker.settings_doc > docs/settings.md
 
 constraints: install
 	{ sed -n '1,3p' constraints.txt; $(PIP) freeze | grep -v '^-e\|^sdqueue\|^torch=\|^nvidia\|^triton'; } > constraints.new
@@ -50,9 +64,14 @@ constraints: install
 bench-queue: install tiny-model
 	$(PY) -m benchmarks.queue_overhead
 
-# On a GPU machine (results land in benchmarks/results/; see benchmarks/gpu_bench.py).
+# The HTTP front door's submit latency and rate (results land in benchmarks/results/).
+bench-server: install
+	$(PY) -m benchmarks.server_load
+
+# On a GPU machine: raw parts in benchmarks/results/raw/, merged JSON + table + plot in
+# benchmarks/results/ (see benchmarks/gpu_bench.py and docs/performance.md).
 bench-gpu: install
-	$(PY) -m benchmarks.gpu_bench --out benchmarks/results
+	$(PY) -m benchmarks.gpu_bench --only sd15 --only sdxl --only fp8
 
 clean:
 	rm -rf $(VENV) .cache demo-output

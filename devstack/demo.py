@@ -94,7 +94,10 @@ def main() -> int:
         url = redis_url(workdir, started)
         moto = MotoServer(workdir).start()
         started.append(moto)
-        env = stack_env(url, moto.url, str(ROOT / ".cache" / "tiny-sd"), device="cpu")
+        # a demo redis keeps nothing on disk: the worker is told that this is accepted
+        env = stack_env(
+            url, moto.url, str(ROOT / ".cache" / "tiny-sd"), device="cpu", accept_volatile_broker="true"
+        )
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
         queue = SdQueue(Settings(redis_url=url, s3_endpoint_url=moto.url, input_buckets=["sdqueue"]))
         queue.storage.client.create_bucket(Bucket="sdqueue")

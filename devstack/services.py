@@ -91,12 +91,18 @@ class RedisServer(Service):
     """A real redis-server on a free port; with ``appendonly`` it survives restarts."""
 
     def __init__(
-        self, logdir: Path, appendonly: bool = False, port: int | None = None, password: str | None = None
+        self,
+        logdir: Path,
+        appendonly: bool = False,
+        port: int | None = None,
+        password: str | None = None,
+        replica_of: int | None = None,
     ) -> None:
         super().__init__(f"redis-{port or 'x'}", logdir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
+        self.replica_of = replica_of
         self.datadir = Path(tempfile.mkdtemp(prefix="sdq-redis-", dir=logdir))
 
     @property
@@ -127,6 +133,8 @@ class RedisServer(Service):
         ]
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.replica_of:
+            argv += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self._spawn(argv)
         wait_for(lambda: port_open(self.port), 10, "redis-server")
         return self
@@ -166,6 +174,8 @@ def stack_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict
             "SDQ_MODEL": model,
             "SDQ_OUTPUT_BUCKET": "sdqueue",
             "SDQ_INPUT_BUCKETS": "sdqueue,inputs",
+            # the local redis-server keeps nothing on disk: say that losing queued jobs is accepted
+            "SDQ_ACCEPT_VOLATILE_BROKER": "true",
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
@@ -180,6 +190,8 @@ def stack_env(redis_url: str, s3_url: str, model: str, **overrides: Any) -> dict
 class WorkerProcess(Service):
     """A real worker process started through ``sdqueue worker``."""
 
+    command = "worker"
+
     def __init__(
         self, logdir: Path, env: dict[str, str], name: str = "worker", args: list[str] | None = None
     ) -> None:
@@ -192,7 +204,7 @@ class WorkerProcess(Service):
 
     def start(self, wait: bool = True, timeout: float = 120.0) -> WorkerProcess:
         self.ready_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "sdqueue.cli", "worker", "--name", self.hostname, *self.args]
+        argv = [sys.executable, "-m", "sdqueue.cli", self.command, "--name", self.hostname, *self.args]
         self._spawn(argv, env=self.env)
         if wait:
             self.wait_ready(timeout)
@@ -203,3 +215,71 @@ class WorkerProcess(Service):
         wait_for(lambda: self.ready_file.exists() or not self.alive(), timeout, f"worker {self.name}")
         if not self.alive():
             raise RuntimeError(f"worker {self.name} exited at start:\n{self.tail()}")
+
+
+class NotifierProcess(WorkerProcess):
+    """A real webhook notifier started through ``sdqueue notifier`` (CPU only, no model)."""
+
+    command = "notifier"
+
+    def __init__(self, logdir: Path, env: dict[str, str], name: str = "notifier") -> None:
+        super().__init__(logdir, {k: v for k, v in env.items() if k != "SDQ_METRICS_PORT"}, name)
+
+
+class FlowerProcess(Service):
+    """Flower (``celery -A sdqueue.app flower``) on loopback, watching the stack's broker."""
+
+    def __init__(self, logdir: Path, env: dict[str, str], port: int | None = None) -> None:
+        super().__init__("flower", logdir)
+        self.env = dict(env)
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> FlowerProcess:
+        columns = "name,uuid,state,result,received,started,runtime,worker"
+        argv = [sys.executable, "-m", "celery", "-A", "sdqueue.app", "flower"]
+        self._spawn(
+            [*argv, f"--port={self.port}", "--address=127.0.0.1", f"--tasks_columns={columns}"], self.env
+        )
+        wait_for(self._healthy, timeout, "flower")
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthcheck", timeout=0.5):
+                return True
+        except Exception:
+            return False
+
+
+class SentinelServer(Service):
+    """``redis-server --sentinel`` on a free port, monitoring ``master_name`` at ``master_port``."""
+
+    def __init__(
+        self, logdir: Path, master_port: int, master_name: str = "mymaster", quorum: int = 2
+    ) -> None:
+        self.port = free_port()
+        super().__init__(f"sentinel-{self.port}", logdir)
+        self.config = logdir / f"sentinel-{self.port}.conf"
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {logdir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master_name} 1000\n"
+            f"sentinel failover-timeout {master_name} 5000\n"
+            f"sentinel parallel-syncs {master_name} 1\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    def start(self) -> SentinelServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
+        self._spawn([binary, str(self.config), "--sentinel"])
+        wait_for(lambda: port_open(self.port), 10, "redis sentinel")
+        return self

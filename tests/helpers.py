@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from devstack.services import RedisServer, WorkerProcess, stack_env
+from devstack.services import NotifierProcess, RedisServer, WorkerProcess, stack_env
 from sdqueue.client import SdQueue
 from sdqueue.settings import Settings
 
@@ -70,23 +70,35 @@ class Stack:
     worker: WorkerProcess | None
     env: dict[str, str]
     queue: SdQueue
+    notifier: NotifierProcess | None = None
 
 
 @contextmanager
 def own_stack(
-    logdir: Path, s3_url: str, model: str, name: str, with_worker: bool = True, **settings: Any
+    logdir: Path,
+    s3_url: str,
+    model: str,
+    name: str,
+    with_worker: bool = True,
+    with_notifier: bool = False,
+    **settings: Any,
 ) -> Iterator[Stack]:
-    """Start redis (and a worker unless ``with_worker`` is False) with ``SDQ_*`` overrides."""
+    """Start redis (and a worker unless ``with_worker`` is False, and a webhook notifier with
+    ``with_notifier``) with ``SDQ_*`` overrides."""
     redis = RedisServer(logdir).start()
     env = stack_env(redis.url, s3_url, model, **settings)
-    worker = WorkerProcess(logdir, env, name=name).start() if with_worker else None
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        os.environ[key] = env[key]
+    notifier = None
+    worker = None
     try:
-        yield Stack(redis, worker, env, SdQueue(settings_from(env)))
+        worker = WorkerProcess(logdir, env, name=name).start() if with_worker else None
+        notifier = NotifierProcess(logdir, env, name=f"{name}-notifier").start() if with_notifier else None
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            os.environ[key] = env[key]
+        yield Stack(redis, worker, env, SdQueue(settings_from(env)), notifier)
     finally:
-        if worker is not None:
-            worker.stop()
+        for process in (notifier, worker):
+            if process is not None:
+                process.stop()
         redis.stop()
 
 

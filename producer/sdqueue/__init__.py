@@ -1,5 +1,6 @@
 """sdqueue producer: the job contract and the client. Never imports torch."""
 
+from sdqueue.aio import AsyncJobHandle, AsyncSdQueue
 from sdqueue.client import ImageResult, JobHandle, JobResult, SdQueue
 from sdqueue.contract import Img2ImgJob, InpaintJob, LoraRef, OutputLocation, Txt2ImgJob, parse_job
 from sdqueue.errors import (
@@ -19,6 +20,8 @@ from sdqueue.settings import Settings, get_settings
 from sdqueue.states import JobState
 
 __all__ = [
+    "AsyncJobHandle",
+    "AsyncSdQueue",
     "BrokerUnavailable",
     "GenerationError",
     "ImageResult",

@@ -2,8 +2,9 @@
 
 CSV cells are typed by the job contract: ``steps`` becomes an int, ``guidance_scale`` a float,
 ``output.bucket`` fills the nested ``output`` object; an empty cell leaves the field at its
-default. In JSONL, blank lines and lines starting with ``#`` are skipped. Every problem is
-reported with its line number, and a file with any problem submits nothing.
+default. In JSONL, blank lines and lines starting with ``#`` are skipped. Rows are read one at a
+time (a file of any length is never held in memory); every problem is reported with its line
+number.
 """
 
 from __future__ import annotations
@@ -131,15 +132,23 @@ def read_csv(lines: Iterable[str]) -> Iterator[Row]:
             yield Row(start, None, str(exc))
 
 
-def read_rows(lines: Iterable[str], fmt: str, default_mode: str | None = None) -> list[Row]:
-    """All rows of a JSONL or CSV stream; ``default_mode`` fills rows that name no mode."""
+def read_rows(lines: Iterable[str], fmt: str, default_mode: str | None = None) -> Iterator[Row]:
+    """The rows of a JSONL or CSV stream, one at a time; ``default_mode`` fills rows that name no mode."""
     reader = read_csv if fmt == "csv" else read_jsonl
-    rows = []
     for row in reader(lines):
         if row.spec is not None and default_mode and "mode" not in row.spec:
             row = Row(row.line, {"mode": default_mode, **row.spec})
-        rows.append(row)
-    return rows
+        yield row
+
+
+def count_lines(path: str) -> int:
+    """Lines of a file (a fast byte scan, for the progress bar's total and ETA)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 def guess_format(path: str) -> str:

@@ -85,6 +85,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_soft_shutdown_timeout": 10.0,
     }
+    if url.strip().lower().startswith("sentinel://"):  # Redis Sentinel: kombu and the backend ask it
+        config["broker_transport_options"]["master_name"] = settings.redis_sentinel_master
+        config["result_backend_transport_options"]["master_name"] = settings.redis_sentinel_master
     if url.startswith("rediss://"):
         config["broker_use_ssl"] = {"ssl_cert_reqs": "required"}
         config["redis_backend_use_ssl"] = {"ssl_cert_reqs": "required"}

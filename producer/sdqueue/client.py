@@ -13,9 +13,11 @@ A web backend installs the base package only (no torch) and uses it like this::
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import redis
@@ -34,11 +36,13 @@ from sdqueue.errors import (
     JobValidationError,
     WaitTimeout,
 )
-from sdqueue.locations import ObjectRef, allowed_input, job_folder, manifest_ref
+from sdqueue.locations import ObjectRef, job_folder, manifest_ref
 from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, lane_queue, progress_key
+from sdqueue.policy import check_job
+from sdqueue.redis_conn import redis_client
 from sdqueue.settings import Settings, get_settings
 from sdqueue.states import JobState, state_of
-from sdqueue.webhooks import check_webhook_url
+from sdqueue.uploads import check_size, inspect_image
 
 Job = AnyJob
 Lane = Literal["interactive", "bulk"]
@@ -131,7 +135,7 @@ def publish_job(
     ``JobHandle.wait`` subscribes only when someone waits.
     """
     name = TASK_FOR_MODE[spec.mode]
-    payload = spec.model_dump(mode="json", exclude={"mode"}, exclude_none=True)
+    payload = spec.model_dump(mode="json", exclude_none=True)  # with its mode: the worker checks it
     message = app.amqp.create_task_message(
         job_id,
         name,
@@ -165,25 +169,15 @@ class SdQueue:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.celery = make_celery(self.settings, "sdqueue-producer")
-        self.redis = redis.Redis.from_url(
-            self.settings.redis_url.get_secret_value(),
-            socket_timeout=self.settings.redis_socket_timeout_s,
-            socket_connect_timeout=self.settings.redis_connect_timeout_s,
-            decode_responses=True,
-        )
+        self.redis = redis_client(self.settings, decode_responses=True)
         self._storage: Any = None
 
     def validate(self, job: Job | dict[str, Any]) -> Job:
-        """Check a spec as the worker will (limits, input allow-list, output bucket)."""
-        spec = parse_job(job.model_dump(mode="json") if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else job)
-        if isinstance(spec, Img2ImgJob):
-            allowed_input(spec.image_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
-        if isinstance(spec, InpaintJob):
-            allowed_input(spec.mask_url, self.settings.s3_endpoint_url, self.settings.input_buckets)
-        if spec.output is not None and spec.output.bucket not in self.settings.allowed_output_buckets:
-            raise JobValidationError(f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket")
-        if spec.webhook_url is not None:
-            check_webhook_url(spec.webhook_url, self.settings.webhook_hosts)
+        """Check a spec as the worker will (limits, input allow-list, output bucket, webhook and
+        callback allow-lists). A model is already valid by construction: only the allow-lists are
+        applied to it; a dict is parsed first."""
+        spec = job if isinstance(job, (Txt2ImgJob, Img2ImgJob, InpaintJob)) else parse_job(job)
+        check_job(spec, self.settings)
         check_model_alias(spec.model, self.settings.models)
         return spec
 
@@ -250,15 +244,29 @@ class SdQueue:
         """A job's manifest, where its record (or the default output location) says it is."""
         output = (record or {}).get("output") or {}
         bucket = output.get("bucket", self.settings.output_bucket)
-        prefix = output.get("prefix", self.settings.output_prefix)
-        manifest: dict[str, Any] | None = self.storage.read_json(
-            manifest_ref(job_folder(bucket, prefix, job_id))
-        )
+        folder = job_folder(bucket, self.settings.output_prefix, output.get("prefix", ""), job_id)
+        manifest: dict[str, Any] | None = self.storage.read_json(manifest_ref(folder))
         return manifest
 
     def presigned_urls(self, result: JobResult, expires_s: int | None = None) -> list[str]:
         """Presigned http URLs for a result's images (expiry from settings unless given)."""
         return [self.storage.presign(ObjectRef(img.bucket, img.key), expires_s) for img in result.images]
+
+    def upload_input(self, source: str | os.PathLike[str] | bytes, prefix: str = "uploads") -> str:
+        """Check an img2img input (type, bytes, pixels: the worker's limits) and store it in the first
+        allow-listed input bucket under a content hash; returns the ``s3://`` URL to put in a job."""
+        if not self.settings.input_buckets:
+            raise JobValidationError("image_url: SDQ_INPUT_BUCKETS is empty, so no input can be uploaded")
+        if isinstance(source, bytes):
+            data = source
+        else:
+            path = Path(source)
+            check_size(path.stat().st_size, self.settings.max_input_bytes)
+            data = path.read_bytes()
+        image = inspect_image(data, self.settings.max_input_bytes, self.settings.max_input_pixels)
+        ref = image.ref(self.settings.input_buckets[0], prefix)
+        self.storage.put(ref, image.data, image.content_type)
+        return ref.url
 
 
 class JobHandle:

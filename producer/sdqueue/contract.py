@@ -23,6 +23,9 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_PIXELS = 1024 * 1024 * 2
 MAX_IMAGES = 8
 MAX_SEED = 2**63 - 1
+MAX_DERIVED_SEED = 2**53 - 1
+"""Derived seeds fit in 53 bits: a JSON number any client (JavaScript's included) reads exactly."""
+MAX_ERROR_LINES = 8
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 SchedulerName = Literal[
     "default",
@@ -59,18 +62,19 @@ Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, strict=True
 
 
 class OutputLocation(BaseModel):
-    """Where a job's images and manifest go: ``s3://{bucket}/{prefix}/{job_id}/``."""
+    """Where a job's images and manifest go: ``s3://{bucket}/{SDQ_OUTPUT_PREFIX}/{prefix}/{job_id}/``."""
 
     model_config = ConfigDict(extra="forbid")
 
     bucket: str = Field(pattern=BUCKET_PATTERN)
-    prefix: str = Field(default="outputs", max_length=256, pattern=r"^[A-Za-z0-9._/-]*$")
+    prefix: str = Field(default="", max_length=256, pattern=r"^[A-Za-z0-9._/-]*$")
+    """A sub-folder of the worker's SDQ_OUTPUT_PREFIX (never outside it); empty: the prefix itself."""
 
     @model_validator(mode="after")
     def _clean_prefix(self) -> OutputLocation:
-        if ".." in self.prefix.split("/"):
-            raise ValueError("prefix must not contain '..' segments")
         self.prefix = self.prefix.strip("/")
+        if self.prefix and any(part in ("", ".", "..") for part in self.prefix.split("/")):
+            raise ValueError("prefix must not contain empty, '.' or '..' segments")
         return self
 
 
@@ -90,7 +94,7 @@ class LoraRef(BaseModel):
     name: str = Field(
         pattern=LORA_NAME_PATTERN, description="File stem of a .safetensors adapter in SDQ_LORA_DIR."
     )
-    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, strict=False)
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
 
 
 class _JobBase(BaseModel):
@@ -100,7 +104,7 @@ class _JobBase(BaseModel):
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     steps: int = Field(default=30, ge=1, le=MAX_STEPS)
-    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE, strict=False)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE)
     width: Side | None = Field(
         default=None, description="Pixels; default: the model's native size (SD 1.x 512, SDXL 1024)."
     )
@@ -178,7 +182,7 @@ class Img2ImgJob(_JobBase):
 
     mode: Literal["img2img"] = "img2img"
     image_url: str = Field(min_length=6, max_length=2048)
-    strength: float = Field(default=0.6, gt=0.0, le=1.0, strict=False)
+    strength: float = Field(default=0.6, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check_effective_steps(self) -> Img2ImgJob:
@@ -195,7 +199,7 @@ class InpaintJob(Img2ImgJob):
 
     mode: Literal["inpaint"] = "inpaint"  # type: ignore[assignment]
     mask_url: str = Field(min_length=6, max_length=2048)
-    strength: float = Field(default=1.0, gt=0.0, le=1.0, strict=False)
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
 AnyJob = Txt2ImgJob | Img2ImgJob | InpaintJob
@@ -211,6 +215,19 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}" if where else message
 
 
+def describe_errors(errors: list[dict[str, Any]]) -> list[str]:
+    """pydantic errors of a job spec as the contract words them: ``field: what to fix``.
+
+    The HTTP front door uses it for bodies that FastAPI validated, so both paths say the same."""
+    lines = []
+    for error in errors:
+        if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            lines.append("mode: must be 'txt2img', 'img2img' or 'inpaint'")
+        else:
+            lines.append(_describe(error))
+    return lines
+
+
 def parse_job(payload: Any) -> AnyJob:
     """Validate a job payload (a dict with ``mode``) and return the typed spec.
 
@@ -223,7 +240,10 @@ def parse_job(payload: Any) -> AnyJob:
     try:
         return _JOB_ADAPTER.validate_python(payload)
     except ValidationError as exc:
-        lines = [_describe(dict(err)) for err in exc.errors(include_url=False)]
+        errors = exc.errors(include_url=False, include_input=False)
+        lines = [_describe(dict(err))[:300] for err in errors[:MAX_ERROR_LINES]]
+        if len(errors) > MAX_ERROR_LINES:
+            lines.append(f"... and {len(errors) - MAX_ERROR_LINES} more problems")
         raise JobValidationError("invalid job: " + "; ".join(lines)) from None
 
 
@@ -235,8 +255,8 @@ def spec_fingerprint(job: AnyJob) -> str:
 
 def derived_seed(job_id: str) -> int:
     """The seed a job gets when it names none: stable per job id, so a redelivered job
-    regenerates the same images."""
-    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_SEED
+    regenerates the same images; below 2**53, so JSON readers in any language keep it exact."""
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big") & MAX_DERIVED_SEED
 
 
 def job_json_schema() -> dict[str, Any]:

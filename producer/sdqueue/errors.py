@@ -58,10 +58,14 @@ class GenerationError(SdqError):
 
 
 class JobFailed(SdqError):
-    """A job ended in failure; ``str(err)`` is the worker's message."""
+    """A job ended in failure; ``str(err)`` is the worker's message.
 
-    def __init__(self, job_id: str, message: str, error_type: str = "") -> None:
-        super().__init__(job_id, message, error_type)  # plain args survive Celery's JSON round trip
+    The message comes first, so a stored result's ``exc_message[0]`` is the reason for every
+    error, a cancellation included (plain args survive Celery's JSON round trip).
+    """
+
+    def __init__(self, message: str, job_id: str = "", error_type: str = "") -> None:
+        super().__init__(message, job_id, error_type)
         self.job_id = job_id
         self.reason = message
         self.error_type = error_type

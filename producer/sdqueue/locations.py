@@ -6,6 +6,9 @@ Accepted input forms:
 * ``http(s)://<storage endpoint host[:port]>/bucket/key`` (path-style, as MinIO serves), only
   when the host is exactly the configured endpoint.
 
+A URL names exactly one object: queries and fragments (``?``, ``#``) are refused rather than
+dropped, so ``s3://b/a#b.png`` can never read ``b/a``; percent-encode them to name such a key.
+
 Anything else (other hosts, link-local addresses, ``file://``, ``ftp://``...) is refused: the
 worker never fetches an arbitrary URL; it reads the object through boto3 with its own
 credentials.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from sdqueue.errors import InputImageError
 
@@ -34,9 +37,11 @@ class ObjectRef:
         return f"s3://{self.bucket}/{self.key}"
 
 
-def job_folder(bucket: str, prefix: str, job_id: str) -> ObjectRef:
-    """Where a job's images and manifest go: ``{prefix}/{job_id}/`` in its output bucket."""
-    return ObjectRef(bucket, f"{prefix}/{job_id}" if prefix else job_id)
+def job_folder(bucket: str, configured_prefix: str, job_prefix: str, job_id: str) -> ObjectRef:
+    """Where a job's images and manifest go: ``{SDQ_OUTPUT_PREFIX}/{output.prefix}/{job_id}/`` in its
+    output bucket. A job's own prefix is a sub-folder of the configured one, never outside it."""
+    parts = (configured_prefix.strip("/"), job_prefix.strip("/"), job_id)
+    return ObjectRef(bucket, "/".join(part for part in parts if part))
 
 
 def manifest_ref(folder: ObjectRef) -> ObjectRef:
@@ -44,11 +49,25 @@ def manifest_ref(folder: ObjectRef) -> ObjectRef:
     return ObjectRef(folder.bucket, f"{folder.key}/manifest.json")
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_port(parts: SplitResult, field: str, url: str) -> int:
+    """The URL's port, or its scheme's default; a port out of range names the field."""
+    try:
+        port = parts.port
+    except ValueError:
+        raise InputImageError(
+            f"{field} {url!r}: the port is not a number from 0 to 65535; fix the URL"
+        ) from None
+    return port or DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+
+
 def _endpoint_netloc(endpoint_url: str | None) -> tuple[str, str] | None:
     if not endpoint_url:
         return None
     parts = urlsplit(endpoint_url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = url_port(parts, "SDQ_S3_ENDPOINT_URL", endpoint_url)
     return parts.scheme, f"{(parts.hostname or '').lower()}:{port}"
 
 
@@ -66,11 +85,16 @@ def parse_object_url(url: str, endpoint_url: str | None) -> ObjectRef:
     """Turn an input URL into a bucket and key, or raise InputImageError."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
+    if "?" in url or "#" in url:  # S3 clients differ on them: s3://b/a#b.png must never read b/a
+        raise InputImageError(
+            f"image_url {url!r}: '?' and '#' are not accepted (queries and fragments); "
+            "rename the object or percent-encode the characters (%3F, %23)"
+        )
     if scheme == "s3":
         return _split_path(f"{parts.netloc}/{parts.path.lstrip('/')}", url)
     if scheme in ("http", "https"):
         endpoint = _endpoint_netloc(endpoint_url)
-        port = parts.port or (443 if scheme == "https" else 80)
+        port = url_port(parts, "image_url", url)
         here = (scheme, f"{(parts.hostname or '').lower()}:{port}")
         if endpoint is None or here != endpoint or parts.username or parts.password:
             raise InputImageError(

@@ -44,6 +44,11 @@ def run_lease_key(job_id: str) -> str:
     return f"{KEY_PREFIX}running:{job_id}"
 
 
+def notified_key(job_id: str) -> str:
+    """Claimed by the delivery that announced the job's final outcome (notifications go out once)."""
+    return f"{KEY_PREFIX}notified:{job_id}"
+
+
 def cancel_key(job_id: str) -> str:
     """Set when a client cancels a job."""
     return f"{KEY_PREFIX}cancel:{job_id}"

@@ -10,6 +10,7 @@ expiry, and JSON-only messages (pickle and YAML refused, never deserialised).
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import sys
@@ -241,9 +242,11 @@ def test_worker_refuses_non_json_messages(queue: SdQueue, worker, tmp_path: Path
     good_job_still_runs(queue)
     assert not marker.exists(), "the worker unpickled the message"
     assert not queue.redis.exists(deliveries_key(job_id, 0)), "the job must never run"
-    assert AsyncResult(job_id, app=queue.celery).state == "PENDING"
+    refused = AsyncResult(job_id, app=queue.celery)
+    assert refused.state == "FAILURE", "a refused message still gets an answer"
+    assert "Refusing to deserialize untrusted content" in str(refused.result), refused.result
     print(
-        f"{serializer} message refused and dropped (logged ContentDisallowed); never run; worker still serving"
+        f"{serializer} message refused (FAILURE: ContentDisallowed), never deserialised or run; worker still serving"
     )
 
 
@@ -480,12 +483,13 @@ SETUP_ACTIONS = 9  # unauthenticated calls below: 3 buckets, 2 users, 2 access k
 class AuthMotoServer(MotoServer):
     """moto's S3 server enforcing IAM policies after the first SETUP_ACTIONS calls."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: Path, setup_actions: int = SETUP_ACTIONS) -> None:
         super().__init__(logdir)
-        self.name, self.log_path = "moto-iam", logdir / "moto-iam.log"
+        self.name, self.log_path = "moto-iam", logdir / f"moto-iam-{setup_actions}.log"
+        self.setup_actions = setup_actions
 
     def start(self) -> AuthMotoServer:
-        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_ACTIONS)}
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self.setup_actions)}
         self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], env=env)
         wait_for(lambda: port_open(self.port), 20, "moto server (IAM)")
         return self
@@ -545,6 +549,11 @@ def test_documented_bucket_policies_are_enough_and_no_more(logdir: Path) -> None
             image, b"x", "image/png", {}
         )
         assert worker.put_once(manifest, b"{}", "application/json", {}) and worker.read_json(manifest) == {}
+        orphan = ObjectRef("results", "outputs/job2/0.png")
+        assert worker.put_once(orphan, b"png", "image/png", {})
+        worker.delete_quietly([orphan])  # the images of a job whose manifest write was refused
+        assert worker.read_json_quietly(orphan) is None
+        worker.probe_write(ObjectRef("results", "outputs/.sdqueue-probe/w"))  # the start-up check
         # a presigned URL carries its signer's rights; moto's IAM mode cannot check query-string
         # signatures (it answers 500), so the producer's own GetObject stands in for the download
         assert producer.client.get_object(Bucket=image.bucket, Key=image.key)["Body"].read() == b"png"
@@ -552,7 +561,7 @@ def test_documented_bucket_policies_are_enough_and_no_more(logdir: Path) -> None
             "worker writes an input": lambda: worker.client.put_object(
                 Bucket="uploads", Key="u/x", Body=b"x"
             ),
-            "worker deletes a result": lambda: worker.client.delete_object(Bucket="results", Key=image.key),
+            "worker deletes an input": lambda: worker.client.delete_object(Bucket="uploads", Key=source.key),
             "worker writes outside outputs/": lambda: worker.client.put_object(
                 Bucket="results", Key="x", Body=b"x"
             ),
@@ -568,3 +577,72 @@ def test_documented_bucket_policies_are_enough_and_no_more(logdir: Path) -> None
     finally:
         server.stop()
     print(f"bucket policies (docs/policies): every call sdqueue makes allowed; {len(refused)} others denied")
+
+
+def test_s3_write_refusals_are_permanent_and_a_refused_manifest_leaves_no_images(logdir: Path) -> None:
+    """AccessDenied on an output write is a permanent StorageRefused naming the bucket and the
+    missing permission (never InputImageError, never retried); when the manifest write is the one
+    refused, the job's images are removed again."""
+    import boto3
+
+    from sdqueue.errors import StorageRefused, TransientError
+    from sdqueue.locations import ObjectRef
+    from sdqueue_worker.jobs import JobRunner
+    from sdqueue_worker.settings import WorkerSettings
+    from sdqueue_worker.storage import WorkerStorage
+    from sdqueue_worker.work import parse_message
+
+    server = AuthMotoServer(logdir, setup_actions=4).start()
+    try:
+        admin = dict(
+            endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="a"
+        )
+        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+        s3.create_bucket(Bucket="results")
+        iam.create_user(UserName="w")
+        key = iam.create_access_key(UserName="w")["AccessKey"]
+        outputs = "arn:aws:s3:::results/outputs/*"
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
+                    "Resource": outputs,
+                },
+                {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::results"},
+                {
+                    "Effect": "Deny",
+                    "Action": "s3:PutObject",
+                    "Resource": "arn:aws:s3:::results/outputs/*/manifest.json",
+                },
+            ],
+        }
+        iam.put_user_policy(UserName="w", PolicyName="w", PolicyDocument=json.dumps(policy))
+        settings = WorkerSettings(
+            s3_endpoint_url=server.url,
+            output_bucket="results",
+            s3_access_key_id=key["AccessKeyId"],
+            s3_secret_access_key=key["SecretAccessKey"],
+        )
+        storage = WorkerStorage(settings)
+        with pytest.raises(StorageRefused) as refused:
+            storage.put_once(ObjectRef("results", "elsewhere/x.png"), b"png", "image/png", {})
+        assert not isinstance(refused.value, (InputImageError, TransientError))
+        assert "s3:PutObject on bucket 'results'" in str(refused.value), str(refused.value)
+        item = parse_message("sdqueue.txt2img", "orphan-1", (), dict(GOOD), None, settings)
+        images = []
+        for index in range(2):
+            ref = ObjectRef(item.folder.bucket, f"{item.folder.key}/{index}.png")
+            assert storage.put_once(ref, b"png", "image/png", {})
+            images.append({"bucket": ref.bucket, "key": ref.key})
+        runner = JobRunner(settings, None, None, storage, "test")  # type: ignore[arg-type]
+        with pytest.raises(StorageRefused, match="s3:PutObject"):
+            runner.commit_manifest(item, {"job_id": item.job_id}, images)
+        left = storage.client.list_objects_v2(Bucket="results", Prefix=item.folder.key).get("KeyCount", 0)
+        assert left == 0, "the images of a job without a manifest must be removed"
+    finally:
+        server.stop()
+    print(
+        "AccessDenied on writes: StorageRefused naming s3:PutObject and the bucket; refused manifest: 2 images removed"
+    )

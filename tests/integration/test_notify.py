@@ -19,7 +19,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from devstack.services import MotoServer
+from devstack.services import MotoServer, NotifierProcess
 from sdqueue import JobValidationError, Txt2ImgJob
 from sdqueue.names import TXT2IMG_TASK
 from sdqueue.webhooks import WebhookSignatureError, verify
@@ -33,7 +33,8 @@ CALLBACK_QUEUE = "webapp.callbacks"
 @dataclass
 class Receiver:
     """A real HTTP server on loopback recording webhooks. Paths: /ok/.. answers 204, /always/S/.. S,
-    /fail/N/.. 503 N times then 204, /retry-after/N/.. 503 with Retry-After: N once then 204."""
+    /fail/N/.. 503 N times then 204, /retry-after/N/.. 503 with Retry-After: N once then 204,
+    /slow/S/.. 204 after S seconds."""
 
     server: ThreadingHTTPServer
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -46,6 +47,9 @@ class Receiver:
         with self.lock:
             seen = sum(1 for r in self.requests if r["headers"].get("webhook-id") == msg_id)
         kind, arg = path.split("/")[1:3]
+        if kind == "slow":
+            time.sleep(float(arg))
+            return 204
         if kind == "always":
             return int(arg)
         if (kind == "fail" and seen <= int(arg)) or (kind == "retry-after" and seen == 1):
@@ -100,13 +104,16 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str) -> Iterator[Stack]:
+def stack(logdir: Path, moto: MotoServer, s3: Any, tiny_model: str, receiver: Receiver) -> Iterator[Stack]:
     with own_stack(
         logdir,
         moto.url,
         tiny_model,
         "notify",
-        webhook_hosts="127.0.0.1,hooks.example.com",
+        with_notifier=True,
+        webhook_hosts=f"127.0.0.1:{receiver.server.server_address[1]},hooks.example.com",
+        callback_tasks="webapp.job_done",
+        callback_queues=CALLBACK_QUEUE,
         webhook_secret=SECRET,
         webhook_backoff_s=0.4,
         webhook_max_attempts=5,
@@ -255,23 +262,72 @@ def test_a_tampered_or_stale_webhook_fails_verification(stack: Stack, receiver: 
         verify("whsec_" + base64.b64encode(b"another secret").decode(), request["headers"], request["body"])
 
 
-def test_a_pending_retry_survives_a_worker_kill(stack: Stack, receiver: Receiver) -> None:
+def test_a_pending_retry_survives_a_notifier_kill(stack: Stack, receiver: Receiver) -> None:
     """The retry waits in Redis as a message: the receiver answers 503 with Retry-After: 4, the
-    worker is killed during those 4 s, a new one starts, and the webhook still arrives, same id."""
+    notifier is killed during those 4 s, a new one starts, and the webhook still arrives, same id."""
     path = f"/retry-after/4/{uuid.uuid4().hex[:6]}"
     submit_and_wait(stack, Txt2ImgJob(prompt="survivor", webhook_url=receiver.url(path), **SMALL))
     first = receiver.wait_for(path, 1)[0]
     time.sleep(0.5)
-    assert stack.worker is not None and len(receiver.wait_for(path, 1)) == 1
-    stack.worker.kill()
+    assert stack.notifier is not None and len(receiver.wait_for(path, 1)) == 1
+    stack.notifier.kill()
     killed_at = time.monotonic()
-    stack.worker.start()
+    stack.notifier.start()
     attempts = receiver.wait_for(path, 2, timeout=90)
     print(
-        f"webhook retry delivered {attempts[1]['at'] - killed_at:.1f}s after the worker was killed, "
+        f"webhook retry delivered {attempts[1]['at'] - killed_at:.1f}s after the notifier was killed, "
         f"{attempts[1]['at'] - first['at']:.1f}s after the first attempt "
         "(Retry-After 4s, visibility timeout 5s)"
     )
     assert attempts[1]["at"] > killed_at and attempts[1]["at"] - first["at"] >= 4
     assert attempts[1]["headers"]["webhook-id"] == first["headers"]["webhook-id"]
     verify(SECRET, attempts[1]["headers"], attempts[1]["body"])
+
+
+def _latencies(stack: Stack, count: int, webhook: str | None) -> list[float]:
+    took = []
+    for index in range(count):
+        began = time.monotonic()
+        job = Txt2ImgJob(prompt=f"latency {index}", webhook_url=webhook, **SMALL)
+        stack.queue.submit(job).wait(timeout=120)
+        took.append(time.monotonic() - began)
+    return took
+
+
+def test_a_slow_webhook_receiver_does_not_delay_gpu_jobs(stack: Stack, receiver: Receiver) -> None:
+    """A receiver taking 5 s an attempt: jobs back to back take as long as without webhooks,
+    because the notifier (not the GPU worker, which does not consume sdqueue.notify) waits on it."""
+    assert stack.worker is not None and stack.notifier is not None
+    inspect = stack.queue.celery.control.inspect(timeout=5)
+    queues = {host: [q["name"] for q in qs] for host, qs in (inspect.active_queues() or {}).items()}
+    assert queues[stack.worker.hostname] == ["sdqueue.interactive", "sdqueue.bulk"]
+    assert queues[stack.notifier.hostname] == ["sdqueue.notify"]
+    count = 4
+    _latencies(stack, 1, None)  # warm
+    baseline = _latencies(stack, count, None)
+    path = f"/slow/5/{uuid.uuid4().hex[:6]}"
+    began = time.monotonic()
+    slow = _latencies(stack, count, receiver.url(path))
+    jobs_done = time.monotonic() - began
+    hits = receiver.wait_for(path, count, timeout=60)
+    print(
+        f"job latency (submit -> result, 64x64, 2 steps, CPU) without webhooks: "
+        f"{[round(t, 2) for t in baseline]}s; with a 5 s webhook receiver: {[round(t, 2) for t in slow]}s; "
+        f"{count} jobs done in {jobs_done:.1f}s, their webhooks arrived by "
+        f"{max(h['at'] for h in hits) - began:.1f}s"
+    )
+    assert sorted(slow)[count // 2] < sorted(baseline)[count // 2] + 1.0
+    assert jobs_done < 5.0 * (count - 1), "jobs must not wait for the receiver"
+
+
+def test_the_notifier_warns_about_an_unknown_setting_at_start(logdir: Path, stack: Stack) -> None:
+    """Same start-up path as the worker (WorkerSettings built as the Celery app is imported)."""
+    env = {**stack.env, "SDQ_WEBHOOK_MAX_ATEMPTS": "3"}
+    notifier = NotifierProcess(logdir, env, name="notifier-typo").start()
+    try:
+        assert (
+            "unknown setting SDQ_WEBHOOK_MAX_ATEMPTS is ignored; did you mean SDQ_WEBHOOK_MAX_ATTEMPTS?"
+            in (notifier.tail(200))
+        )
+    finally:
+        notifier.stop()

@@ -22,7 +22,8 @@ def _loaded_after(code: str) -> list[str]:
 def test_client_side_never_imports_torch_or_the_worker() -> None:
     code = (
         "import sdqueue, sdqueue.cli, sdqueue.bulk, sdqueue.bulk_cli, sdqueue.webhooks, sdqueue.app, "
-        "sdqueue.storage; from sdqueue import SdQueue, Txt2ImgJob; "
+        "sdqueue.storage, sdqueue.aio, sdqueue.uploads, sdqueue.server.app, sdqueue.server.run; "
+        "from sdqueue import SdQueue, Txt2ImgJob; "
         "from sdqueue.cli import build_parser; build_parser()"
     )
     assert _loaded_after(code) == []

@@ -21,6 +21,7 @@ from celery import signals
 
 from sdqueue.celeryconfig import make_celery
 from sdqueue.errors import StartupError
+from sdqueue_worker import logs
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.settings import get_worker_settings
@@ -30,11 +31,19 @@ log = logging.getLogger(__name__)
 settings = get_worker_settings()
 app = make_celery(settings, "sdqueue-worker", include=["sdqueue_worker.tasks", "sdqueue_worker.notify"])
 app.steps["consumer"].add(LeaseKeeper)
+logs.install(settings.log_format, settings.model)
 app.Task.Strategy = "sdqueue_worker.strategy:guarded"  # a malformed message must not stop the worker
+app.conf.worker_consumer = "sdqueue_worker.consumer:Consumer"  # every message gets a final result
+app.conf.worker_pool = "sdqueue_worker.pool:TaskPool"  # threads, with revoke(terminate=True) honoured
+# Failed results without server tracebacks, capped; OOM answers from Redis retried (backend.py).
+app.conf.result_backend = f"sdqueue_worker.backend:WorkerRedisBackend+{settings.redis_url.get_secret_value()}"
 # A result stored while Redis restarts: 10 jittered tries, waits from 0.2 s doubling to a 10 s cap
 # (about 25 s in all on average, at most 53 s) instead of the default 10 ms start (about 5 s),
 # after which a finished job would be reported failed. Worker only: producers should fail fast.
 app.conf.result_backend_base_sleep_between_retries_ms = 100
+# Redis full ("OOM command not allowed") or down for longer: keep trying about 2.5 minutes on
+# average (30 tries, 10 s cap) so a finished job's result lands once memory is free again.
+app.conf.result_backend_max_retries = 30
 
 
 @signals.worker_init.connect

@@ -262,7 +262,9 @@ class GpuExecutor:
                 if request.on_progress:
                     request.on_progress(step + 1, request.total_steps)
             if all(request.cancelled() for request in batch):
-                raise _Stop(JobCancelled(job_id=batch[0].job_id, message="cancelled while running"))
+                first = batch[0]
+                reason = f"cancelled while running, at step {step + 1}/{first.total_steps}"
+                raise _Stop(JobCancelled(job_id=first.job_id, message=reason))
             if time.monotonic() > min(request.deadline for request in batch):
                 raise _Stop(
                     GenerationError(

@@ -11,16 +11,14 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob, derived_seed, parse_job
-from sdqueue.errors import JobValidationError
-from sdqueue.locations import ObjectRef, allowed_input, job_folder
-from sdqueue.locations import manifest_ref as manifest_location
-from sdqueue.webhooks import check_webhook_url
+from sdqueue.contract import AnyJob, Img2ImgJob
+from sdqueue.errors import JobValidationError, StorageRefused
+from sdqueue.locations import ObjectRef
 from sdqueue_worker.defaults import native_side, size_of, with_model_size
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.formats import encoding_for
@@ -32,16 +30,15 @@ from sdqueue_worker.prompts import PromptCounter
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
+from sdqueue_worker.work import WorkItem
 
 Job = AnyJob
 
 
 @dataclass
 class JobContext:
-    """Per-delivery facts the task layer hands to the runner."""
+    """Per-delivery facts the task layer hands to the runner (the job itself is the WorkItem)."""
 
-    job_id: str
-    lane_rank: int = 0
     submitted_at: float | None = None
     on_progress: ProgressFn | None = None
     is_cancelled: Any = None
@@ -49,46 +46,6 @@ class JobContext:
     """Look for the job's manifest before generating (the task layer always does: a resubmit after
     the result TTL, a redelivery). False skips that S3 read; a duplicate then still meets the
     conditional manifest write."""
-
-
-def validate_payload(mode: str, payload: dict[str, Any], job_id: str, settings: WorkerSettings) -> Job:
-    """The worker-side check of the contract (a raw Celery client may bypass the producer)."""
-    if "mode" in payload and payload["mode"] != mode:
-        raise JobValidationError(f"mode: {payload['mode']!r} sent to the {mode} task")
-    job = parse_job({**payload, "mode": mode})
-    if job.job_id is not None and job.job_id != job_id:
-        raise JobValidationError(
-            f"job_id: {job.job_id!r} differs from the task id {job_id!r}; send them equal"
-        )
-    if job.output is not None and job.output.bucket not in settings.allowed_output_buckets:
-        raise JobValidationError(
-            f"output.bucket: {job.output.bucket!r} is not an allowed output bucket "
-            f"({', '.join(settings.allowed_output_buckets)})"
-        )
-    if isinstance(job, Img2ImgJob):
-        allowed_input(job.image_url, settings.s3_endpoint_url, settings.input_buckets)
-    if isinstance(job, InpaintJob):
-        allowed_input(job.mask_url, settings.s3_endpoint_url, settings.input_buckets)
-    if job.webhook_url is not None:
-        check_webhook_url(job.webhook_url, settings.webhook_hosts)
-    if job.model != settings.model_alias:
-        raise JobValidationError(
-            f"model: this worker serves {settings.model_alias or 'the default model'}, the job names "
-            f"{job.model or 'no model'}; submit through the client, which routes by alias"
-        )
-    return job
-
-
-def job_seeds(job: Job, job_id: str) -> list[int]:
-    """Seed of each image: the job's seed (or one derived from its id) plus the image index."""
-    base = job.seed if job.seed is not None else derived_seed(job_id)
-    return [(base + index) % (2**63) for index in range(job.num_images)]
-
-
-def output_dir(job: Job, job_id: str, settings: WorkerSettings) -> ObjectRef:
-    bucket = job.output.bucket if job.output else settings.output_bucket
-    prefix = job.output.prefix if job.output else settings.output_prefix
-    return job_folder(bucket, prefix, job_id)
 
 
 class JobRunner:
@@ -110,26 +67,24 @@ class JobRunner:
         self.prompts = PromptCounter(runtime.txt2img)
         self.native_side = native_side(runtime.txt2img)
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+    def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
-        folder = output_dir(job, ctx.job_id, self.settings)
-        manifest_ref = manifest_location(folder)
-        existing = self.storage.read_json(manifest_ref) if ctx.maybe_done else None
+        existing = self.storage.read_json(item.manifest_ref) if ctx.maybe_done else None
         if existing is not None:
             return result_from_manifest(existing)
-        job = with_model_size(job, self.native_side)
-        seeds = job_seeds(job, ctx.job_id)
+        item = replace(item, spec=with_model_size(item.spec, self.native_side))
+        job = item.spec
         timings: dict[str, float] = {}
         prompt_length = self.prompts.measure(job.prompt, job.negative_prompt)
         loras = self._check_loras(job)
         with self.executor.preparing():
-            init_image, mask_image, input_info = self._fetch_inputs(job, timings)
+            init_image, mask_image, input_info = self._fetch_inputs(item, timings)
             request = self.executor.submit(
                 GenerationRequest(
-                    job=job,
-                    job_id=ctx.job_id,
-                    seeds=seeds,
-                    lane_rank=ctx.lane_rank,
+                    job=item.spec,
+                    job_id=item.job_id,
+                    seeds=list(item.seeds),
+                    lane_rank=item.lane_rank,
                     init_image=init_image,
                     mask_image=mask_image,
                     prompt_chunks=prompt_length.chunks,
@@ -143,38 +98,54 @@ class JobRunner:
         timings["generate_s"] = time.perf_counter() - generate_started
         batch_size = request.batch_images
         nsfw = request.nsfw
-        images = self._store_images(job, ctx.job_id, folder, seeds, pixels, timings)
+        images = self._store_images(item, pixels, timings)
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
         timings["total_s"] = time.time() - started
-        manifest = self._manifest(
-            job, ctx.job_id, seeds, images, input_info, timings, batch_size, manifest_ref
-        )
+        manifest = self._manifest(item, images, input_info, timings, batch_size)
         manifest["prompt"] = prompt_length.describe()
         manifest["loras"] = loras
         if nsfw is not None:
             for image, flag in zip(manifest["images"], nsfw, strict=False):
                 image["nsfw"] = flag
-        if not self.storage.put_once(
-            manifest_ref, json.dumps(manifest, indent=1).encode(), "application/json", {"job-id": ctx.job_id}
-        ):
-            manifest = self.storage.read_json(manifest_ref) or manifest
-        observe_job(job.mode, timings, batch_size)
+        manifest = self.commit_manifest(item, manifest, images)
+        observe_job(item.mode, timings, batch_size)
         return result_from_manifest(manifest)
 
-    def _fetch_inputs(self, job: Job, timings: dict[str, float]) -> tuple[Any, Any, dict[str, Any] | None]:
+    def commit_manifest(
+        self, item: WorkItem, manifest: dict[str, Any], images: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Write the manifest (the commit marker) once. A refused write (permanent) removes the job's
+        images, so no orphan stays; a transient fault leaves them for the retry to find."""
+        body = json.dumps(manifest, indent=1).encode()
+        try:
+            written = self.storage.put_once(
+                item.manifest_ref, body, "application/json", {"job-id": item.job_id}
+            )
+        except StorageRefused:
+            if self.storage.read_json_quietly(item.manifest_ref) is None:
+                self.storage.delete_quietly([ObjectRef(image["bucket"], image["key"]) for image in images])
+            raise
+        if not written:
+            return self.storage.read_json(item.manifest_ref) or manifest
+        return manifest
+
+    def _fetch_inputs(
+        self, item: WorkItem, timings: dict[str, float]
+    ) -> tuple[Any, Any, dict[str, Any] | None]:
         """img2img/inpaint inputs fitted to the job's size: (image, mask or None, manifest info)."""
-        if not isinstance(job, Img2ImgJob):
+        spec, ref = item.spec, item.input_ref
+        if not isinstance(spec, Img2ImgJob) or ref is None:
             return None, None, None
         began = time.perf_counter()
-        data, info = self._read(job.image_url)
-        image = decode_input_image(data, self.settings.max_input_pixels)
+        data, info = self._read(ref)
+        image = decode_input_image(data, self.settings.max_input_pixels, self.settings.max_jpeg_scans)
         mask = None
-        if isinstance(job, InpaintJob):
-            mask_data, info["mask"] = self._read(job.mask_url)
-            mask = fit_to(decode_mask(mask_data, self.settings.max_input_pixels, image.size), *size_of(job))
+        if item.mask_ref is not None:
+            mask_data, info["mask"] = self._read(item.mask_ref)
+            mask = fit_to(decode_mask(mask_data, self.settings.max_input_pixels, image.size), *size_of(spec))
         timings["input_fetch_s"] = time.perf_counter() - began
-        return fit_to(image, *size_of(job)), mask, info
+        return fit_to(image, *size_of(spec)), mask, info
 
     def _check_loras(self, job: Job) -> list[dict[str, Any]]:
         """Each named adapter exists in the worker's folder and is a LoRA file (else a clear error)."""
@@ -186,27 +157,24 @@ class JobRunner:
             raise JobValidationError("loras: with a compiled UNet (SDQ_COMPILE) a job may use one adapter")
         return self.runtime.loras.registry.describe(job.loras)
 
-    def _read(self, url: str) -> tuple[bytes, dict[str, Any]]:
-        ref = allowed_input(url, self.settings.s3_endpoint_url, self.settings.input_buckets)
+    def _read(self, ref: ObjectRef) -> tuple[bytes, dict[str, Any]]:
         data, etag = self.storage.read_input(ref)
         return data, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _store_images(
-        self,
-        job: Job,
-        job_id: str,
-        folder: ObjectRef,
-        seeds: list[int],
-        pixels: np.ndarray,
-        timings: dict[str, float],
+        self, item: WorkItem, pixels: np.ndarray, timings: dict[str, float]
     ) -> list[dict[str, Any]]:
         began = time.perf_counter()
+        job = item.spec
         encoding = encoding_for(job, self.settings.png_compress_level)
         images = []
-        for index, (seed, image) in enumerate(zip(seeds, pixels, strict=False)):
+        folder = item.folder
+        for index, (seed, image) in enumerate(zip(item.seeds, pixels, strict=False)):
             ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.{encoding.extension}")
             body = encoding.encode(image)
-            self.storage.put_once(ref, body, encoding.content_type, {"job-id": job_id, "seed": str(seed)})
+            self.storage.put_once(
+                ref, body, encoding.content_type, {"job-id": item.job_id, "seed": str(seed)}
+            )
             images.append(
                 {
                     "index": index,
@@ -226,26 +194,24 @@ class JobRunner:
 
     def _manifest(
         self,
-        job: Job,
-        job_id: str,
-        seeds: list[int],
+        item: WorkItem,
         images: list[dict[str, Any]],
         input_info: dict[str, Any] | None,
         timings: dict[str, float],
         batch_size: int,
-        manifest_ref: ObjectRef,
     ) -> dict[str, Any]:
         runtime = self.runtime
+        job = item.spec
         pipe = runtime.pipeline_for(job.mode)
         return {
-            "job_id": job_id,
+            "job_id": item.job_id,
             "mode": job.mode,
             "spec": job.model_dump(mode="json"),
-            "seeds": seeds,
+            "seeds": list(item.seeds),
             "images": images,
             "input": input_info,
             "output_encoding": encoding_for(job, self.settings.png_compress_level).describe(),
-            "manifest_url": manifest_ref.url,
+            "manifest_url": item.manifest_ref.url,
             "model": {
                 "alias": self.settings.model_alias,
                 "id": runtime.model_id,
@@ -254,6 +220,8 @@ class JobRunner:
                 "device": runtime.device.type,
                 "pipeline": type(pipe).__name__,
                 "scheduler": type(runtime.schedulers[job.scheduler]).__name__,
+                "fp8_unet": runtime.fp8_layers > 0,  # FP8 outputs differ from 16-bit ones
+                "attention": runtime.attention,
             },
             "versions": runtime.versions,
             "timings": timings,

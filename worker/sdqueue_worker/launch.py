@@ -197,10 +197,11 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
     """The celery command line for one single-GPU worker, every delivery flag explicit.
 
     Queue order is priority order (the worker always takes from the first non-empty queue):
-    webhook deliveries (short, never touch the GPU), then interactive jobs, then bulk jobs.
+    interactive jobs, then bulk jobs. Webhook deliveries (``sdqueue.notify``) are not consumed
+    here but by ``sdqueue notifier`` (see ``notifier_argv``), so they never take a job slot.
     The job-slot count comes from the executor that relies on it.
     """
-    from sdqueue.names import NOTIFY_QUEUE, lane_queue
+    from sdqueue.names import lane_queue
     from sdqueue_worker.executor import job_slots
     from sdqueue_worker.settings import get_worker_settings
 
@@ -214,14 +215,12 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
         "-A",
         "sdqueue_worker.app",
         "worker",
-        "--pool",
-        "threads",
         "--concurrency",
         str(slots),
         "--prefetch-multiplier",
         "1",
         "--queues",
-        ",".join([NOTIFY_QUEUE, *lanes]),
+        ",".join(lanes),
         "--task-events",
         "--without-gossip",
         "--without-mingle",
@@ -229,6 +228,42 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
         loglevel,
     ]
     return argv + (["--hostname", name] if name else [])
+
+
+def notifier_argv(name: str | None, loglevel: str, concurrency: int) -> list[str]:
+    """The celery command line of the CPU-only webhook notifier (queue ``sdqueue.notify`` only)."""
+    from sdqueue.names import NOTIFY_QUEUE
+
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "sdqueue_worker.notifier",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--queues",
+        NOTIFY_QUEUE,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
+    ]
+    return argv + (["--hostname", name] if name else [])
+
+
+def run_notifier(name: str | None, loglevel: str, concurrency: int | None) -> int:
+    """``sdqueue notifier``: deliver webhooks in this process (replaced by celery; never returns)."""
+    from sdqueue_worker.settings import get_worker_settings
+
+    argv = notifier_argv(name, loglevel, concurrency or get_worker_settings().notify_concurrency)
+    os.execv(argv[0], argv)
+    return 0  # not reached
 
 
 def run_worker(gpus: str | None, name: str | None, loglevel: str) -> int:

@@ -5,7 +5,8 @@ job was cancelled; both only touch memory, so the GPU never waits on Redis. One 
 thread per worker flushes the signals of the running jobs every ``interval_s``: it reads the
 job's cancel key, writes the latest progress to ``sdq:progress:{job_id}`` and hands it to the
 ``ProgressPublisher``, which stores a PROGRESS state in the result backend
-(``AsyncResult.info``) and sends a ``task-progress`` event (Flower shows it on the task page).
+(``AsyncResult.info``) and sends a ``task-started`` event carrying ``result="step N/total"``
+(Flower shows it in the task list and on the task page; see ProgressPublisher).
 """
 
 from __future__ import annotations
@@ -28,13 +29,30 @@ Publish = Callable[[str, dict[str, Any]], None]
 """``publish(job_id, body)``: where a flushed progress body goes besides its Redis key."""
 
 
+def progress_text(body: dict[str, Any]) -> str:
+    """``step 12/30``: what Flower shows as the result of a running job."""
+    return f"step {body.get('step')}/{body.get('total')}"
+
+
 class ProgressPublisher:
-    """Publishes progress as Celery sees it; one event dispatcher per thread."""
+    """Publishes progress as Celery sees it; one event dispatcher per thread.
+
+    Flower renders only Celery's standard task fields, and ``celery.events.state`` merges each
+    event's fields into its task. So progress goes out as a repeated ``task-started`` event: the
+    state stays STARTED (Flower's "Started" filter finds running jobs), ``result="step 12/30"``
+    shows in the task list and on the task page until the job's own result replaces it, and the
+    job's start time as ``timestamp`` keeps Flower's started time and runtime right. A cancel
+    sends ``task-cancelled`` with ``result="cancelled: <reason>"``: Flower still shows FAILURE (the
+    task raised JobCancelled), with the reason beside it. The cost: Flower's
+    ``flower_events_total{type="task-started"}`` counts progress updates too.
+    """
 
     def __init__(self, app: Celery, hostname: str) -> None:
         self.app = app
         self.hostname = hostname
         self._local = threading.local()
+        self._started: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def _dispatcher(self) -> Any:
         dispatcher = getattr(self._local, "dispatcher", None)
@@ -44,12 +62,32 @@ class ProgressPublisher:
             self._local.dispatcher = dispatcher
         return dispatcher
 
+    def job_started(self, job_id: str) -> None:
+        """Remember when a job started (its progress events carry this as their timestamp)."""
+        with self._lock:
+            self._started[job_id] = time.time()
+
+    def job_ended(self, job_id: str) -> None:
+        with self._lock:
+            self._started.pop(job_id, None)
+
     def publish(self, job_id: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            started = self._started.get(job_id)
         try:
             self.app.backend.store_result(job_id, body, "PROGRESS")
-            self._dispatcher().send("task-progress", uuid=job_id, **body)
+            fields = {"timestamp": started} if started else {}
+            self._dispatcher().send("task-started", uuid=job_id, result=progress_text(body), **fields, **body)
         except Exception as exc:  # progress is best effort
             log.debug("progress publish failed for %s: %s", job_id, exc)
+            self._local.dispatcher = None
+
+    def cancelled(self, job_id: str, reason: str) -> None:
+        """Tell Flower why a job was cancelled (its task then fails with JobCancelled)."""
+        try:
+            self._dispatcher().send("task-cancelled", uuid=job_id, result=f"cancelled: {reason}")
+        except Exception as exc:
+            log.debug("cancel event failed for %s: %s", job_id, exc)
             self._local.dispatcher = None
 
 

@@ -52,6 +52,10 @@ class Runtime:
     load_seconds: float
     load_count: int
     warmup_seconds: float = 0.0
+    attention: str = "default"
+    """The SDPA backend put first (accel.optimise)."""
+    fp8_layers: int = 0
+    """UNet linear layers running in float8 (0: FP8 off)."""
     versions: dict[str, str] = field(default_factory=dict)
     loras: LoraCache | None = None
     """LoRA adapters (None when SDQ_LORA_DIR is unset)."""
@@ -72,7 +76,9 @@ def pick_dtype(settings: WorkerSettings, device: torch.device) -> torch.dtype:
     if settings.dtype != "auto":
         chosen: torch.dtype = getattr(torch, settings.dtype)
         return chosen
-    return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: torch.dtype) -> None:

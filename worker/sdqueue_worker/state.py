@@ -12,7 +12,9 @@ from celery import Celery
 
 from sdqueue.errors import StartupError
 from sdqueue.names import model_loads_key
+from sdqueue.redis_conn import redis_client as connect_redis
 from sdqueue_worker.accel import optimise, use_compile, warm_up
+from sdqueue_worker.checks import check_startup
 from sdqueue_worker.executor import GpuExecutor
 from sdqueue_worker.generation import run_batch
 from sdqueue_worker.jobs import JobRunner
@@ -39,29 +41,29 @@ class WorkerState:
     running: dict[str, str] = field(default_factory=dict)
     """job id -> run-lease token of the jobs this process is running now."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    publisher: ProgressPublisher | None = None
+    """Sends progress and cancel reasons as Celery events (None without a Celery app)."""
 
 
 _STATE: WorkerState | None = None
 
 
 def redis_client(settings: WorkerSettings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry_on_timeout=True,
-        health_check_interval=10,
-    )
+    return connect_redis(settings, retry_on_timeout=True, health_check_interval=10)
 
 
 def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = None) -> WorkerState:
-    """Load the model (once per process), start the GPU thread and the progress pump.
+    """Check the broker, storage and files, load the model (once per process), start the GPU
+    thread and the progress pump.
 
     ``app`` is the worker's Celery app, which progress is published through (None: Redis only).
     """
     global _STATE
     if _STATE is not None:
         return _STATE
+    storage = WorkerStorage(settings)
+    client = redis_client(settings)
+    check_startup(settings, client, storage, hostname)
     runtime = load_runtime(settings)
     executor = GpuExecutor(
         functools.partial(run_batch, runtime),
@@ -72,8 +74,6 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
         prepare=lambda: _prepare_gpu(runtime, settings),
     )
     executor.start()
-    storage = WorkerStorage(settings)
-    client = redis_client(settings)
     client.incr(model_loads_key(hostname))
     publisher = ProgressPublisher(app, hostname) if app is not None else None
     _STATE = WorkerState(
@@ -85,6 +85,7 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
         client,
         JobRunner(settings, runtime, executor, storage, hostname),
         SignalPump(client, settings.progress_interval_s, publisher.publish if publisher else None).start(),
+        publisher=publisher,
     )
     return _STATE
 

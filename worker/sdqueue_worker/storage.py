@@ -8,12 +8,17 @@ commit marker, and readers trust only a job whose manifest exists.
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from sdqueue.errors import InputImageError
+from sdqueue.errors import InputImageError, SdqError, StartupError, StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.storage import ALREADY_THERE_CODES, MISSING_CODES, Storage, classify_error, error_code
+
+log = logging.getLogger(__name__)
 
 
 class WorkerStorage(Storage):
@@ -57,6 +62,32 @@ class WorkerStorage(Storage):
         except ClientError as exc:
             if error_code(exc) in ALREADY_THERE_CODES:
                 return False
-            raise classify_error(exc, f"writing {ref.url}") from None
+            raise classify_error(exc, f"writing {ref.url}", bucket=ref.bucket) from None
         except (BotoCoreError, BotoConnectionError) as exc:
             raise classify_error(exc, f"writing {ref.url}") from None
+
+    def read_json_quietly(self, ref: ObjectRef) -> dict[str, Any] | None:
+        """``read_json``, with any storage fault read as "not there"."""
+        try:
+            return self.read_json(ref)
+        except (SdqError, ValueError):
+            return None
+
+    def delete_quietly(self, refs: list[ObjectRef]) -> None:
+        """Best-effort removal of objects (a job's images when its manifest cannot be written)."""
+        for ref in refs:
+            try:
+                self.client.delete_object(Bucket=ref.bucket, Key=ref.key)
+            except (ClientError, BotoCoreError, BotoConnectionError):
+                log.warning("could not remove %s after a failed manifest write", ref.url)
+
+    def probe_write(self, ref: ObjectRef) -> None:
+        """Write a small object; raise StartupError naming the bucket and the permission on a
+        refusal, StorageUnavailable when storage cannot be reached."""
+        try:
+            self.client.put_object(Bucket=ref.bucket, Key=ref.key, Body=b"sdqueue write probe\n")
+        except (ClientError, BotoCoreError, BotoConnectionError) as exc:
+            error = classify_error(exc, f"writing {ref.url}", bucket=ref.bucket)
+            if isinstance(error, StorageUnavailable):
+                raise error from None
+            raise StartupError(f"the worker cannot write to its output bucket: {error}") from None

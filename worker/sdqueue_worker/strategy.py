@@ -11,7 +11,11 @@ its error handling (celery 5.7 ``Request.__init__``). Measured with a raw client
 * a ``kwargs`` that is not an object is dropped with a warning and no result.
 
 Any client with broker access could stop every worker that way. Checking the shape first raises
-``InvalidTaskError``, which Celery logs ("Received invalid task message") and rejects.
+``InvalidTaskError``; sdqueue's consumer (sdqueue_worker.consumer) stores a FAILURE result with
+the reason and rejects the message. The same happens to linked tasks (a message must not make
+the worker publish tasks of the sender's choosing) and to Celery's built-in tasks
+(``celery.chord_unlock`` would otherwise retry every 0.5 s for ever): only sdqueue's own task
+names run on the GPU worker. Unknown names get Celery's own answer, a FAILURE (NotRegistered).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from typing import Any
 from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
 
+from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK, TXT2IMG_TASK
+
+SDQUEUE_TASKS = frozenset({TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK})
+
 
 def _shape(body: Any) -> str:
     if isinstance(body, (list, tuple)):
@@ -29,12 +37,26 @@ def _shape(body: Any) -> str:
     return type(body).__name__
 
 
+_LINKS = ("callbacks", "errbacks", "chain", "chord", "link", "link_error")
+
+
+def check_links(fields: Any) -> None:
+    """Refuse linked tasks: a message must not make the worker publish tasks of its choosing."""
+    if isinstance(fields, dict) and any(fields.get(name) for name in _LINKS):
+        raise InvalidTaskError(
+            "linked tasks (callbacks, errbacks, chain, chord) are not accepted on sdqueue's queues; "
+            "use the job's callback_task or webhook_url"
+        )
+
+
 def check_body(message: Any) -> None:
-    """Raise InvalidTaskError unless a protocol-2 body is ``[list, dict, dict or null]``."""
+    """Raise InvalidTaskError unless a protocol-2 body is ``[list, dict, dict or null]`` without links."""
     if "task" not in (message.headers or {}):
-        return  # protocol 1: Celery reads the task from the body and checks it itself
+        check_links(message.payload)  # protocol 1: Celery checks the rest of the shape itself
+        return
     body = message.payload
     if isinstance(body, dict) and "args" in body:
+        check_links(body)
         return  # a hybrid message (old clients): Celery converts it
     if not (
         isinstance(body, (list, tuple))
@@ -46,10 +68,29 @@ def check_body(message: Any) -> None:
         raise InvalidTaskError(
             f"malformed task message body: expected [args list, kwargs object, embed object], got {_shape(body)}"
         )
+    check_links(body[2])
+
+
+def refused(task: Any, app: Any) -> Callable[..., Any]:
+    """The strategy of a task that is registered (a Celery built-in) but never runs here: the
+    message ends FAILED with a reason, once, and is acknowledged."""
+
+    def task_message_handler(
+        message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any
+    ) -> Any:
+        raise InvalidTaskError(
+            f"task {task.name!r} does not run on sdqueue's GPU worker; its queues take "
+            f"{', '.join(sorted(SDQUEUE_TASKS))} only"
+        )
+
+    return task_message_handler
 
 
 def guarded(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
-    """Celery's default strategy, after a shape check of the message body."""
+    """Celery's default strategy, after a shape check of the message body; tasks that are not
+    sdqueue's (Celery's built-ins such as celery.chord_unlock) are refused."""
+    if task.name not in SDQUEUE_TASKS:
+        return refused(task, app)
     handler = default(task, app, consumer, **kwargs)
 
     def task_message_handler(

@@ -1,42 +1,75 @@
-"""The two Celery tasks. Thin: the work is in sdqueue_worker.jobs; these add delivery bookkeeping."""
+"""The job Celery tasks. Thin: the work is in sdqueue_worker.jobs; these add delivery bookkeeping."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
+from celery.exceptions import Retry
+from celery.worker import state as worker_state
 
-from sdqueue.errors import JobCancelled, TransientError
-from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key, is_bulk_queue
+from sdqueue.errors import PERMANENT_ERRORS, JobCancelled, StartupError, TransientError
+from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key
+from sdqueue.states import JobState
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.guards import count_delivery, run_lease
-from sdqueue_worker.jobs import JobContext, validate_payload
+from sdqueue_worker.jobs import JobContext, result_from_manifest
+from sdqueue_worker.notify import announce
 from sdqueue_worker.progress import StepSignals
-from sdqueue_worker.state import get_state
+from sdqueue_worker.state import WorkerState, get_state
+from sdqueue_worker.work import WorkItem, parse_message
 
 
-def _context(task: Task, job_id: str, signals: StepSignals) -> JobContext:
-    routing_key = (task.request.delivery_info or {}).get("routing_key")
+def revoked(job_id: str) -> bool:
+    """True once any Celery client sent ``revoke(job_id)`` (with or without terminate) to this worker."""
+    return job_id in worker_state.revoked
+
+
+def _context(task: Task, item: WorkItem, signals: StepSignals) -> JobContext:
+    job_id = item.job_id
     return JobContext(
-        job_id=job_id,
-        lane_rank=1 if is_bulk_queue(routing_key) else 0,
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
-        is_cancelled=signals.cancelled,
+        is_cancelled=lambda: signals.cancelled() or revoked(job_id),
         maybe_done=True,  # also a fresh message: a resubmit after the result TTL must not regenerate
     )
 
 
-def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Validate, guard against poison and duplicates, run; transient faults retry with backoff."""
+def outcome_of_error(exc: BaseException) -> JobState:
+    return JobState.CANCELLED if isinstance(exc, JobCancelled) else JobState.FAILED
+
+
+def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> dict[str, Any]:
+    """Check the message once, run it, and record one final outcome.
+
+    A failure is recorded only while no manifest exists: a worker that wakes up after another
+    one finished the same job reports that job's result, and never notifies a second time.
+    """
     state = get_state()
+    routing_key = (task.request.delivery_info or {}).get("routing_key")
+    item = parse_message(task.name, task.request.id, args, payload, routing_key, state.settings)
+    try:
+        result = _run(task, item, state)
+    except Retry:
+        raise
+    except Exception as exc:
+        finished = state.storage.read_json_quietly(item.manifest_ref)
+        if finished is None:
+            announce(item, outcome_of_error(exc), exc)
+            raise
+        result = result_from_manifest(finished)
+    announce(item, JobState.SUCCEEDED, result)
+    return result
+
+
+def _run(task: Task, item: WorkItem, state: WorkerState) -> dict[str, Any]:
+    """Guard against poison and duplicates, run; transient faults retry with backoff."""
     settings = state.settings
-    job_id = str(task.request.id)
+    job_id = item.job_id
     attempt = int(task.request.retries or 0)
-    job = validate_payload(mode, payload, job_id, settings)
-    if state.redis.exists(cancel_key(job_id)):
-        raise JobCancelled(job_id, "cancelled before it started")
+    if state.redis.exists(cancel_key(job_id)) or revoked(job_id):
+        raise JobCancelled("cancelled before it started", job_id)
     count_delivery(state.redis, job_id, attempt, settings.max_deliveries)
     lease_ms = int(settings.visibility_timeout_s * 500)
     with run_lease(state.redis, job_id, lease_ms, state.hostname) as token:
@@ -47,7 +80,7 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
         try:
             signals = state.signals.open(job_id)
             try:
-                return state.runner.run(job, _context(task, job_id, signals))
+                return state.runner.run(item, _context(task, item, signals))
             finally:
                 state.signals.close(signals)
         except TransientError as exc:
@@ -63,19 +96,56 @@ def run_delivery(task: Task, mode: str, payload: dict[str, Any]) -> dict[str, An
                 state.running.pop(job_id, None)
 
 
-@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True)
-def txt2img(self: Task, **payload: Any) -> dict[str, Any]:
+EXPECTED = (*PERMANENT_ERRORS, JobCancelled)
+"""Refusals and cancels: Celery logs them at INFO ("raised expected"), without a traceback."""
+
+
+@app.task(bind=True, name=TXT2IMG_TASK, acks_late=True, throws=EXPECTED)
+def txt2img(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
     """Generate images from a prompt; kwargs are the job spec (see docs/job-schema.json)."""
-    return run_delivery(self, "txt2img", payload)
+    return run_delivery(self, args, payload)
 
 
-@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True)
-def img2img(self: Task, **payload: Any) -> dict[str, Any]:
+@app.task(bind=True, name=IMG2IMG_TASK, acks_late=True, throws=EXPECTED)
+def img2img(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
     """Transform an allow-listed input image; kwargs are the job spec (see docs/job-schema.json)."""
-    return run_delivery(self, "img2img", payload)
+    return run_delivery(self, args, payload)
 
 
-@app.task(bind=True, name=INPAINT_TASK, acks_late=True)
-def inpaint(self: Task, **payload: Any) -> dict[str, Any]:
+@app.task(bind=True, name=INPAINT_TASK, acks_late=True, throws=EXPECTED)
+def inpaint(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
     """Repaint the masked part of an allow-listed input image; kwargs are the job spec."""
-    return run_delivery(self, "inpaint", payload)
+    return run_delivery(self, args, payload)
+
+
+def _publisher() -> Any:
+    try:
+        return get_state().publisher
+    except StartupError:  # not inside a started worker
+        return None
+
+
+@signals.task_prerun.connect
+def _job_started(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    publisher = (
+        _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK) else None
+    )
+    if publisher is not None:
+        publisher.job_started(str(task_id))
+
+
+@signals.task_postrun.connect
+def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    publisher = (
+        _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK) else None
+    )
+    if publisher is not None:
+        publisher.job_ended(str(task_id))
+
+
+@signals.task_failure.connect
+def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+    """A cancelled job's reason, as the Result Flower shows beside its FAILURE state."""
+    publisher = _publisher() if isinstance(exception, JobCancelled) else None
+    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK):
+        publisher.cancelled(str(task_id), exception.reason)

@@ -1,0 +1,163 @@
+"""Flower, as an operator sees it: a real ``celery -A sdqueue.app flower`` process watching the
+test stack, its pages rendered by headless Chromium while a job runs and after it is cancelled.
+Screenshots are kept in test-artifacts/ (gitignored)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack.services import ROOT, WorkerProcess, free_port, wait_for
+from sdqueue import SdQueue, Txt2ImgJob
+from sdqueue.client import JobHandle
+
+ARTIFACTS = ROOT / "test-artifacts"
+LONG = {"width": 256, "height": 256, "steps": 150}  # about a minute on a CPU core: rendered mid-job
+TASKS_COLUMNS = "name,uuid,state,result,received,started,runtime,worker"
+"""As docker/compose.yaml and infra/ run Flower: the Result column carries a running job's progress."""
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=4000",
+    "--window-size=1400,1000",
+]
+
+
+def chromium() -> str:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        raise RuntimeError("chromium not found: run `make browser` (apt-get install chromium)")
+    return binary
+
+
+def render(url: str, screenshot: Path | None = None) -> str:
+    """The page's HTML after its scripts ran (``--dump-dom``), and a PNG when asked."""
+    with tempfile.TemporaryDirectory(prefix="sdq-chromium-") as profile:
+        base = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+        if screenshot is not None:
+            subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+        out = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if screenshot is not None:
+        screenshot.with_suffix(".html").write_text(out.stdout)
+    return out.stdout
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def flower(env: dict[str, str], worker: WorkerProcess, logdir: Path) -> Iterator[str]:
+    port = free_port()
+    log = open(logdir / "flower-ui.log", "ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "sdqueue.app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--tasks_columns={TASKS_COLUMNS}",
+        ],
+        cwd=ROOT,
+        env={**env, "FLOWER_UNAUTHENTICATED_API": "true"},  # loopback only; the pages need no auth then
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(f"{url}/healthcheck"), 60, "flower")
+        wait_for(
+            lambda: worker.hostname in get_json(f"{url}/api/workers?refresh=1"),
+            60,
+            "flower seeing the worker",
+        )
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def started_tasks(flower: str) -> dict[str, Any]:
+    """What Flower's "Started" filter button asks for (search ``state:STARTED``)."""
+    query = {
+        "draw": "1",
+        "start": "0",
+        "length": "50",
+        "search[value]": "state:STARTED",
+        "order[0][column]": "0",
+        "order[0][dir]": "desc",
+        "columns[0][data]": "received",
+    }
+    rows = get_json(f"{flower}/tasks/datatable?{urllib.parse.urlencode(query)}")["data"]
+    return {row["uuid"]: row for row in rows}
+
+
+def wait_running(flower: str, handle: JobHandle, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = started_tasks(flower).get(handle.job_id)
+        if row and str(row.get("result", "")).startswith("step "):
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"flower never listed {handle.job_id} as STARTED with progress: {handle.state()}")
+
+
+def test_flower_shows_progress_of_a_running_job_and_why_it_was_cancelled(flower: str, queue: SdQueue) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    handle = queue.submit(Txt2ImgJob(prompt="watched in flower", **LONG))
+    try:
+        row = wait_running(flower, handle)
+        assert row["state"] == "STARTED" and re.fullmatch(r"step \d+/150", row["result"])
+        page = render(f"{flower}/task/{handle.job_id}", ARTIFACTS / "flower-task-running.png")
+        listing = render(f"{flower}/tasks?state=STARTED", ARTIFACTS / "flower-tasks-started.png")
+        assert handle.state() == "running", "the job must still run while the pages are rendered"
+    finally:
+        handle.cancel()
+    shown = re.findall(r"step (\d+)/150", page)
+    listed = re.findall(r"step \d+/150", listing)
+    print(f"task page shows step {shown} of 150; the Started list shows {listed}")
+    assert shown and 0 < int(shown[0]) <= 150
+    assert "STARTED" in page
+    assert handle.job_id in listing and listed, "the Started filter lists the job with its progress"
+    wait_for(lambda: handle.state() == "cancelled", 60, "the cancel")
+
+    def reason_shown() -> bool:
+        task = get_json(f"{flower}/api/task/info/{handle.job_id}")
+        return str(task.get("result", "")).startswith("cancelled: ")
+
+    wait_for(reason_shown, 30, "flower showing the cancel reason")
+    cancelled = render(f"{flower}/task/{handle.job_id}", ARTIFACTS / "flower-task-cancelled.png")
+    assert re.search(r"cancelled: cancelled while running, at step \d+/150", cancelled), cancelled[-3000:]
+    assert "JobCancelled" in cancelled

@@ -1,0 +1,92 @@
+"""Every message on sdqueue's queues gets a final result, also one Celery cannot read.
+
+Celery's consumer drops a message whose body cannot be decoded (a 5,000-digit integer, JSON
+nested 100,000 deep) or that it finds invalid, with a log line and no result: the job would read
+"queued" for ever. This consumer stores a FAILURE with a short message for it first, under the
+message's task id when one can be found (headers, correlation id, or the raw body) and matches
+the job-id pattern. Log lines are capped: a payload is never logged whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from celery.utils.objects import Bunch
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+from sdqueue.contract import is_valid_job_id
+from sdqueue.errors import JobValidationError
+from sdqueue_worker.backend import cap
+from sdqueue_worker.strategy import SDQUEUE_TASKS
+
+log = logging.getLogger(__name__)
+_RAW_ID = re.compile(rb'"id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
+
+
+def message_id(message: Any) -> str | None:
+    """The task id of a message, without decoding its body; None when it has no usable one."""
+    candidates = [
+        (message.headers or {}).get("id"),
+        (message.properties or {}).get("correlation_id"),
+    ]
+    body = message.body if isinstance(message.body, bytes) else str(message.body or "").encode()
+    found = _RAW_ID.search(body[:65536])
+    candidates.append(found.group(1).decode() if found else None)
+    for candidate in candidates:
+        if isinstance(candidate, str) and is_valid_job_id(candidate):
+            return candidate
+    return None
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, answering undecodable and invalid messages with a FAILURE result."""
+
+    def _answer(self, message: Any, reason: str) -> None:
+        task_id = message_id(message)
+        name = (message.headers or {}).get("task")
+        log.error(
+            "refused message %s (task %s): %s", task_id or "(no usable id)", cap(str(name), 100), reason
+        )
+        if task_id is None:
+            return
+        request = Bunch(
+            name=name,
+            task=name,
+            chord=None,
+            root_id=None,
+            errbacks=None,
+            chain=None,
+            correlation_id=task_id,
+            reply_to=None,
+            ignore_result=False,
+            delivery_info=None,
+        )
+        try:
+            if self.app.backend.get_state(task_id) != "PENDING":
+                return  # never overwrite the outcome of a job that has one
+            self.app.backend.mark_as_failure(task_id, JobValidationError(reason), request=request)
+        except Exception as exc:  # the result store may be down; the message is dropped either way
+            log.warning("could not store the refusal of %s: %s", task_id, exc)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._answer(
+            message,
+            f"the message body could not be decoded ({cap(str(exc), 200)}); send a JSON body with "
+            "the job spec as kwargs (numbers under 4,300 digits, nesting under 1,000 levels)",
+        )
+        message.ack()
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = cap(str((message.headers or {}).get("task") or (body or {}).get("task")), 100)
+        self._answer(
+            message,
+            f"task {name!r} is not an sdqueue task (NotRegistered); sdqueue's queues take "
+            f"{', '.join(sorted(SDQUEUE_TASKS))} only",
+        )
+        message.reject_log_error(log, self.connection_errors)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._answer(message, cap(str(exc), 500))
+        message.reject_log_error(log, self.connection_errors)
