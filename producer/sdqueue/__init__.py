@@ -2,7 +2,7 @@
 
 from sdqueue.aio import AsyncJobHandle, AsyncSdQueue
 from sdqueue.client import ImageResult, JobHandle, JobResult, SdQueue
-from sdqueue.contract import Img2ImgJob, OutputLocation, Txt2ImgJob, parse_job
+from sdqueue.contract import Img2ImgJob, InpaintJob, LoraRef, OutputLocation, Txt2ImgJob, parse_job
 from sdqueue.errors import (
     BrokerUnavailable,
     GenerationError,
@@ -26,6 +26,7 @@ __all__ = [
     "GenerationError",
     "ImageResult",
     "Img2ImgJob",
+    "InpaintJob",
     "InputImageError",
     "JobCancelled",
     "JobFailed",
@@ -35,6 +36,7 @@ __all__ = [
     "JobResult",
     "JobState",
     "JobValidationError",
+    "LoraRef",
     "OutputLocation",
     "SdQueue",
     "SdqError",

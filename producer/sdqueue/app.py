@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from sdqueue.celeryconfig import make_celery
-from sdqueue.names import IMG2IMG_TASK, NOTIFY_TASK, TXT2IMG_TASK
+from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK, TXT2IMG_TASK
 from sdqueue.settings import get_settings
 
 app = make_celery(get_settings(), "sdqueue")
-TASK_NAMES = (TXT2IMG_TASK, IMG2IMG_TASK, NOTIFY_TASK)
+TASK_NAMES = (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK)
 
 
 def _declare(name: str) -> None:

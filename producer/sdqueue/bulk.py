@@ -29,14 +29,14 @@ from sdqueue.bulk_uploads import InputUploader, is_local
 from sdqueue.bulk_wire import LanePusher, Pushed, WireJob
 from sdqueue.celeryconfig import make_celery
 from sdqueue.client import SdQueue, job_record, publish_job, record_ttl_s
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
+from sdqueue.contract import AnyJob, spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, SdqError
 from sdqueue.locations import ObjectRef
-from sdqueue.names import QUEUE_FOR_LANE, cancel_key, job_claim_key
+from sdqueue.names import cancel_key, job_claim_key, lane_queue
 from sdqueue.settings import Settings
 from sdqueue.states import FINAL, JobState, state_of
 
-Job = Txt2ImgJob | Img2ImgJob
+Job = AnyJob
 FINAL_STATES = tuple(state.value for state in FINAL)
 CHUNK = 500
 Duplicates = Literal["once", "each"]
@@ -303,6 +303,17 @@ def settle(job: BulkJob, meta: dict[str, Any] | None, cancelled: bool) -> bool:
     return True
 
 
+def by_model(jobs: list[BulkJob]) -> list[tuple[str | None, list[BulkJob]]]:
+    """Consecutive runs of jobs naming the same model, in order: each run goes to its alias's queue."""
+    runs: list[tuple[str | None, list[BulkJob]]] = []
+    for job in jobs:
+        if runs and runs[-1][0] == job.spec.model:
+            runs[-1][1].append(job)
+        else:
+            runs.append((job.spec.model, [job]))
+    return runs
+
+
 class Submitter(Protocol):
     published: int
     publish_seconds: float
@@ -314,17 +325,27 @@ class ScriptSubmitter:
     """The fast path: template messages, claim and push in one script call per batch."""
 
     def __init__(self, queue: SdQueue, lane: str) -> None:
-        self.pusher = LanePusher(queue.redis, QUEUE_FOR_LANE[lane])
+        self.redis = queue.redis
+        self.lane = lane
+        self.pushers: dict[str, LanePusher] = {}
         self.settings = queue.settings
         self.where = queue.settings.redis_url_masked
         self.published = 0
         self.publish_seconds = 0.0
 
+    def pusher(self, model: str | None) -> LanePusher:
+        """The pusher of the lane's queue for ``model`` (a model alias has its own queues)."""
+        name = lane_queue(self.lane, model)
+        if name not in self.pushers:
+            self.pushers[name] = LanePusher(self.redis, name)
+        return self.pushers[name]
+
     def push(self, jobs: list[BulkJob], cap: int) -> list[Pushed]:
         began = time.perf_counter()
-        wire = [job.wire(self.settings) for job in jobs]
         try:
-            results = self.pusher.push(wire, cap)
+            results: list[Pushed] = []
+            for model, group in by_model(jobs):
+                results += self.pusher(model).push([job.wire(self.settings) for job in group], cap)
         except Exception as exc:
             raise BrokerUnavailable(f"could not enqueue {len(jobs)} jobs at {self.where}: {exc}") from None
         self.published += sum(result.pushed for result in results)
@@ -339,18 +360,28 @@ class CelerySubmitter:
 
     def __init__(self, queue: SdQueue, lane: str) -> None:
         self.queue = queue
-        self.queue_name = QUEUE_FOR_LANE[lane]
+        self.lane = lane
         self.app = make_celery(queue.settings, "sdqueue-bulk")
         options = self.app.conf.broker_transport_options
         self.app.conf.broker_transport_options = {**options, "retry_on_timeout": False}
-        self.pusher = LanePusher(queue.redis, self.queue_name)
         self.published = 0
         self.publish_seconds = 0.0
 
     def push(self, jobs: list[BulkJob], cap: int) -> list[Pushed]:
         began = time.perf_counter()
         if cap:
-            jobs = jobs[: max(0, cap - self.pusher.depth())]
+            depth = {
+                model: LanePusher(self.queue.redis, lane_queue(self.lane, model)).depth()
+                for model, _ in by_model(jobs)
+            }
+            room = {model: max(0, cap - taken) for model, taken in depth.items()}
+            kept = []
+            for job in jobs:
+                if room[job.spec.model] <= 0:
+                    break
+                room[job.spec.model] -= 1
+                kept.append(job)
+            jobs = kept
         pipe = self.queue.redis.pipeline(transaction=False)
         for job in jobs:
             wire = job.wire(self.queue.settings)
@@ -373,7 +404,15 @@ class CelerySubmitter:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=2 * len(jobs) + 2):
                 for job in jobs:
                     spec = job.spec.model_copy(update={"job_id": job.job_id})
-                    publish_job(self.app, producer, job.job_id, spec, self.queue_name, True, retry=False)
+                    publish_job(
+                        self.app,
+                        producer,
+                        job.job_id,
+                        spec,
+                        lane_queue(self.lane, spec.model),
+                        True,
+                        retry=False,
+                    )
         except Exception as exc:
             self.queue.redis.delete(*[job_claim_key(job.job_id) for job in jobs])
             raise BrokerUnavailable(f"could not enqueue {len(jobs)} jobs: {exc}") from None

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from sdqueue.contract import Img2ImgJob, OutputLocation, Txt2ImgJob
+from sdqueue.contract import Img2ImgJob, InpaintJob, OutputLocation, Txt2ImgJob
 
 FORMATS = ("jsonl", "csv")
 
@@ -44,7 +44,7 @@ def _scalar(annotation: Any) -> type:
 
 def _column_types() -> dict[str, type]:
     types_: dict[str, type] = {}
-    for model in (Txt2ImgJob, Img2ImgJob):
+    for model in (Txt2ImgJob, Img2ImgJob, InpaintJob):
         types_.update({name: _scalar(field.annotation) for name, field in model.model_fields.items()})
     types_.pop("output")
     for name, field in OutputLocation.model_fields.items():

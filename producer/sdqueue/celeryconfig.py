@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, INTERACTIVE_QUEUE, TXT2IMG_TASK
+from sdqueue.names import BULK_QUEUE, INTERACTIVE_QUEUE, TASK_FOR_MODE
 from sdqueue.settings import Settings
 
 
@@ -80,10 +80,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": INTERACTIVE_QUEUE,
         "task_default_exchange": INTERACTIVE_QUEUE,
         "task_default_routing_key": INTERACTIVE_QUEUE,
-        "task_routes": {
-            TXT2IMG_TASK: {"queue": INTERACTIVE_QUEUE},
-            IMG2IMG_TASK: {"queue": INTERACTIVE_QUEUE},
-        },
+        "task_routes": {task: {"queue": INTERACTIVE_QUEUE} for task in TASK_FOR_MODE.values()},
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_soft_shutdown_timeout": 10.0,

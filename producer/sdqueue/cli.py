@@ -84,7 +84,12 @@ SPEC_OPTIONS = (
     "scheduler",
     "job_id",
     "image_url",
+    "mask_url",
     "strength",
+    "output_format",
+    "output_quality",
+    "output_lossless",
+    "model",
     "webhook_url",
     "callback_task",
     "callback_queue",
@@ -94,9 +99,20 @@ SPEC_OPTIONS = (
 def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     job: dict[str, Any] = {"mode": args.mode, "prompt": args.prompt}
     job.update({name: getattr(args, name) for name in SPEC_OPTIONS if getattr(args, name, None) is not None})
+    if getattr(args, "lora", None):
+        job["loras"] = [_lora(text) for text in args.lora]
     if args.output_bucket:
         job["output"] = {"bucket": args.output_bucket, "prefix": args.output_prefix or ""}
     return job
+
+
+def _lora(text: str) -> dict[str, Any]:
+    """``name`` or ``name:scale`` from ``--lora``."""
+    name, _, scale = text.partition(":")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": name}
+    except ValueError:
+        raise JobValidationError(f"--lora {text}: the scale after ':' must be a number") from None
 
 
 def _failure(job_id: str, exc: JobFailed) -> int:
@@ -316,12 +332,20 @@ def _spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, help="pixels, a multiple of 8 (default 512)")
     g.add_argument("--height", type=int, help="pixels, a multiple of 8 (default 512)")
     g.add_argument("--num-images", dest="num_images", type=int, metavar="N", help="images of this job (1-8)")
-    g.add_argument("--scheduler", help="default, euler, euler_a, ddim, dpmpp_2m, pndm or unipc")
+    g.add_argument("--scheduler", help="e.g. euler_a, dpmpp_2m_karras, dpmpp_sde (all: docs/features.md)")
     g.add_argument("--image-url", dest="image_url", metavar="URL", help="img2img input: s3://bucket/key")
+    g.add_argument("--mask-url", dest="mask_url", metavar="URL", help="inpaint mask (white repaints)")
     g.add_argument(
         "--image", metavar="PATH", help="img2img input file: checked, uploaded to the first input bucket"
     )
     g.add_argument("--strength", type=float, help="img2img: how far from the input (0-1, default 0.6)")
+    g.add_argument("--output-format", dest="output_format", choices=["png", "webp", "jpeg"])
+    g.add_argument("--output-quality", dest="output_quality", type=int, metavar="Q", help="webp/jpeg 1-100")
+    g.add_argument("--output-lossless", dest="output_lossless", action="store_true", default=None)
+    g.add_argument("--lora", action="append", metavar="NAME[:SCALE]", help="LoRA adapter (repeatable)")
+    g.add_argument(
+        "--model", metavar="ALIAS", help="model alias from SDQ_MODELS (default: the default model)"
+    )
     g.add_argument("--job-id", dest="job_id", help="idempotency key: the same id twice runs once")
     g.add_argument("--output-bucket", dest="output_bucket", metavar="BUCKET")
     g.add_argument("--output-prefix", dest="output_prefix", metavar="PREFIX")
@@ -356,7 +380,7 @@ def _submit_parser(sub: Any) -> None:
         '  sdqueue submit img2img "in snow" --image-url s3://sdqueue/uploads/fox.png\n'
         '  sdqueue submit txt2img "a fox" --job-id fox-1   # resubmitting fox-1 runs nothing new',
     )
-    p.add_argument("mode", choices=["txt2img", "img2img"])
+    p.add_argument("mode", choices=["txt2img", "img2img", "inpaint"])
     p.add_argument("prompt")
     _spec_options(p)
     p.add_argument(
@@ -409,7 +433,7 @@ def _bulk_parser(sub: Any) -> None:
     )
     p.add_argument("file", help="job file, or - for stdin")
     p.add_argument("--format", choices=["jsonl", "csv"], help="default: csv for *.csv, else jsonl")
-    p.add_argument("--mode", choices=["txt2img", "img2img"], help="mode of lines that name none")
+    p.add_argument("--mode", choices=["txt2img", "img2img", "inpaint"], help="mode of lines that name none")
     p.add_argument("--lane", choices=["interactive", "bulk"], default="bulk", help="queue (default bulk)")
     p.add_argument(
         "--max-in-flight",

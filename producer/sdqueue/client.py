@@ -26,7 +26,7 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
 from sdqueue.celeryconfig import make_celery
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob, parse_job, spec_fingerprint
+from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob, Txt2ImgJob, parse_job, spec_fingerprint
 from sdqueue.errors import (
     BrokerUnavailable,
     JobCancelled,
@@ -37,14 +37,14 @@ from sdqueue.errors import (
     WaitTimeout,
 )
 from sdqueue.locations import ObjectRef, job_folder, manifest_ref
-from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, progress_key
+from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key, lane_queue, progress_key
 from sdqueue.policy import check_job
 from sdqueue.redis_conn import redis_client
 from sdqueue.settings import Settings, get_settings
 from sdqueue.states import JobState, state_of
 from sdqueue.uploads import check_size, inspect_image
 
-Job = Txt2ImgJob | Img2ImgJob
+Job = AnyJob
 Lane = Literal["interactive", "bulk"]
 
 
@@ -59,6 +59,8 @@ class ImageResult:
     key: str
     width: int
     height: int
+    nsfw: bool | None = None
+    """The worker's safety-checker verdict (None when SDQ_SAFETY_CHECKER is off)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,10 @@ class JobResult:
     @classmethod
     def from_task_result(cls, body: dict[str, Any]) -> JobResult:
         images = [
-            ImageResult(**{k: img[k] for k in ("index", "seed", "url", "bucket", "key", "width", "height")})
+            ImageResult(
+                **{k: img[k] for k in ("index", "seed", "url", "bucket", "key", "width", "height")},
+                nsfw=img.get("nsfw"),
+            )
             for img in body["images"]
         ]
         return cls(
@@ -151,6 +156,13 @@ def publish_job(
     )
 
 
+def check_model_alias(model: str | None, known: list[str]) -> None:
+    """Refuse a model alias that no deployment serves (its queue would never be consumed)."""
+    if model is not None and model not in known:
+        served = ", ".join(known) if known else "none: SDQ_MODELS is empty"
+        raise JobValidationError(f"model: unknown model alias {model!r}; known aliases: {served}")
+
+
 class SdQueue:
     """Submit and follow sdqueue jobs. Thread-safe; create one per process."""
 
@@ -164,8 +176,9 @@ class SdQueue:
         """Check a spec as the worker will (limits, input allow-list, output bucket, webhook and
         callback allow-lists). A model is already valid by construction: only the allow-lists are
         applied to it; a dict is parsed first."""
-        spec = job if isinstance(job, (Txt2ImgJob, Img2ImgJob)) else parse_job(job)
+        spec = job if isinstance(job, (Txt2ImgJob, Img2ImgJob, InpaintJob)) else parse_job(job)
         check_job(spec, self.settings)
+        check_model_alias(spec.model, self.settings.models)
         return spec
 
     def submit(self, job: Job | dict[str, Any], lane: Lane = "interactive") -> JobHandle:
@@ -201,7 +214,13 @@ class SdQueue:
         try:
             with self.celery.producer_or_acquire() as producer:
                 publish_job(
-                    self.celery, producer, job_id, spec, QUEUE_FOR_LANE[lane], sent_event=True, retry=True
+                    self.celery,
+                    producer,
+                    job_id,
+                    spec,
+                    lane_queue(lane, spec.model),
+                    sent_event=True,
+                    retry=True,
                 )
         except (OperationalError, redis.RedisError, OSError, RuntimeError) as exc:
             self.redis.delete(job_claim_key(job_id))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -27,8 +27,33 @@ MAX_DERIVED_SEED = 2**53 - 1
 """Derived seeds fit in 53 bits: a JSON number any client (JavaScript's included) reads exactly."""
 MAX_ERROR_LINES = 8
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-SCHEDULERS = ("default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc")
-SchedulerName = Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"]
+SchedulerName = Literal[
+    "default",
+    "euler",
+    "euler_a",
+    "euler_karras",
+    "heun",
+    "lms",
+    "lms_karras",
+    "ddim",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+    "dpmpp_sde",
+    "dpmpp_sde_karras",
+    "pndm",
+    "unipc",
+    "lcm",
+]
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
+MODES = ("txt2img", "img2img", "inpaint")
+OutputFormat = Literal["png", "webp", "jpeg"]
+PNDM_MIN_STEPS = 4
+MAX_LORAS = 4
+MAX_LORA_SCALE = 4.0
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MODEL_ALIAS_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 TASK_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$"
 RESERVED_PREFIX = "sdqueue."
@@ -53,6 +78,25 @@ class OutputLocation(BaseModel):
         return self
 
 
+def check_pixels(width: int, height: int) -> None:
+    """Raise ValueError when an image of this size is over the pixel limit."""
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"width x height = {width * height} pixels is over the limit of {MAX_PIXELS}; lower width or height"
+        )
+
+
+class LoraRef(BaseModel):
+    """One adapter a job applies: a name from the worker's LoRA folder and its weight."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(
+        pattern=LORA_NAME_PATTERN, description="File stem of a .safetensors adapter in SDQ_LORA_DIR."
+    )
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
+
+
 class _JobBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -61,11 +105,27 @@ class _JobBase(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     steps: int = Field(default=30, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=MAX_GUIDANCE)
-    width: Side = 512
-    height: Side = 512
+    width: Side | None = Field(
+        default=None, description="Pixels; default: the model's native size (SD 1.x 512, SDXL 1024)."
+    )
+    height: Side | None = Field(default=None, description="Pixels; default: the model's native size.")
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
     scheduler: SchedulerName = "default"
     output: OutputLocation | None = None
+    output_format: OutputFormat = Field(default="png", description="Image file format of the outputs.")
+    output_quality: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="webp/jpeg quality (default 90); not for png or lossless webp.",
+    )
+    output_lossless: bool = Field(default=False, description="Lossless webp (output_format webp only).")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    model: str | None = Field(
+        default=None,
+        pattern=MODEL_ALIAS_PATTERN,
+        description="Model alias from SDQ_MODELS; routes the job to that model's workers (default: none).",
+    )
     job_id: str | None = Field(default=None, pattern=JOB_ID_PATTERN)
     webhook_url: str | None = Field(
         default=None,
@@ -93,12 +153,21 @@ class _JobBase(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _check_output_options(self) -> _JobBase:
+        if self.output_lossless and self.output_format != "webp":
+            raise ValueError("output_lossless: only webp has a lossless mode; set output_format to 'webp'")
+        if self.output_quality is not None and (self.output_format == "png" or self.output_lossless):
+            raise ValueError("output_quality: png and lossless webp have no quality; leave it out")
+        if self.scheduler == "pndm" and self.steps < PNDM_MIN_STEPS:
+            raise ValueError(f"steps: pndm needs at least {PNDM_MIN_STEPS} steps (its warm-up takes 4)")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError("loras: each adapter may appear once; merge the scales of repeated names")
+        return self
+
+    @model_validator(mode="after")
     def _check_pixels(self) -> _JobBase:
-        if self.width * self.height > MAX_PIXELS:
-            raise ValueError(
-                f"width x height = {self.width * self.height} pixels is over the limit of {MAX_PIXELS}; "
-                "lower width or height"
-            )
+        check_pixels(self.width or MIN_SIDE, self.height or MIN_SIDE)
         return self
 
 
@@ -125,12 +194,21 @@ class Img2ImgJob(_JobBase):
         return self
 
 
-JobSpec = Annotated[Txt2ImgJob | Img2ImgJob, Field(discriminator="mode")]
-_JOB_ADAPTER: TypeAdapter[Txt2ImgJob | Img2ImgJob] = TypeAdapter(JobSpec)
+class InpaintJob(Img2ImgJob):
+    """Repaint the white part of a mask (an allow-listed S3 object the size of the input image)."""
+
+    mode: Literal["inpaint"] = "inpaint"  # type: ignore[assignment]
+    mask_url: str = Field(min_length=6, max_length=2048)
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+AnyJob = Txt2ImgJob | Img2ImgJob | InpaintJob
+JobSpec = Annotated[AnyJob, Field(discriminator="mode")]
+_JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(JobSpec)
 
 
 def _describe(error: dict[str, Any]) -> str:
-    where = ".".join(str(part) for part in error["loc"] if part not in ("txt2img", "img2img"))
+    where = ".".join(str(part) for part in error["loc"] if part not in MODES)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field; remove it (see the job schema for accepted fields)"
@@ -144,21 +222,21 @@ def describe_errors(errors: list[dict[str, Any]]) -> list[str]:
     lines = []
     for error in errors:
         if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
-            lines.append("mode: must be 'txt2img' or 'img2img'")
+            lines.append("mode: must be 'txt2img', 'img2img' or 'inpaint'")
         else:
             lines.append(_describe(error))
     return lines
 
 
-def parse_job(payload: Any) -> Txt2ImgJob | Img2ImgJob:
+def parse_job(payload: Any) -> AnyJob:
     """Validate a job payload (a dict with ``mode``) and return the typed spec.
 
     Raises JobValidationError with one line per problem, naming the field.
     """
     if not isinstance(payload, dict):
         raise JobValidationError(f"a job must be a JSON object, got {type(payload).__name__}")
-    if payload.get("mode") not in ("txt2img", "img2img"):
-        raise JobValidationError("mode: must be 'txt2img' or 'img2img'")
+    if payload.get("mode") not in MODES:
+        raise JobValidationError("mode: must be 'txt2img', 'img2img' or 'inpaint'")
     try:
         return _JOB_ADAPTER.validate_python(payload)
     except ValidationError as exc:
@@ -169,7 +247,7 @@ def parse_job(payload: Any) -> Txt2ImgJob | Img2ImgJob:
         raise JobValidationError("invalid job: " + "; ".join(lines)) from None
 
 
-def spec_fingerprint(job: Txt2ImgJob | Img2ImgJob) -> str:
+def spec_fingerprint(job: AnyJob) -> str:
     """A stable hash of a spec without its job id: same spec, same fingerprint."""
     body = job.model_dump(mode="json", exclude={"job_id"})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]

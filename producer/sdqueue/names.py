@@ -4,11 +4,23 @@ from __future__ import annotations
 
 TXT2IMG_TASK = "sdqueue.txt2img"
 IMG2IMG_TASK = "sdqueue.img2img"
-TASK_FOR_MODE = {"txt2img": TXT2IMG_TASK, "img2img": IMG2IMG_TASK}
+INPAINT_TASK = "sdqueue.inpaint"
+TASK_FOR_MODE = {"txt2img": TXT2IMG_TASK, "img2img": IMG2IMG_TASK, "inpaint": INPAINT_TASK}
 
 INTERACTIVE_QUEUE = "sdqueue.interactive"
 BULK_QUEUE = "sdqueue.bulk"
 QUEUE_FOR_LANE = {"interactive": INTERACTIVE_QUEUE, "bulk": BULK_QUEUE}
+
+
+def lane_queue(lane: str, model: str | None = None) -> str:
+    """The queue of a lane: ``sdqueue.<lane>``, or ``sdqueue.<model>.<lane>`` for a job that names
+    a model alias (each model's workers consume only their own model's queues)."""
+    return QUEUE_FOR_LANE[lane] if model is None else f"sdqueue.{model}.{lane}"
+
+
+def is_bulk_queue(name: str | None) -> bool:
+    return bool(name) and (name == BULK_QUEUE or str(name).endswith(".bulk"))
+
 
 NOTIFY_TASK = "sdqueue.notify"
 NOTIFY_QUEUE = "sdqueue.notify"

@@ -4,7 +4,7 @@ once per message (any Celery client can publish), both with this one function.""
 
 from __future__ import annotations
 
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob
+from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob
 from sdqueue.errors import JobValidationError
 from sdqueue.locations import ObjectRef, allowed_input
 from sdqueue.settings import Settings
@@ -28,8 +28,15 @@ def check_callback(task: str, queue: str | None, settings: Settings) -> None:
         )
 
 
-def check_job(spec: Txt2ImgJob | Img2ImgJob, settings: Settings) -> ObjectRef | None:
-    """Apply every allow-list to ``spec``; returns the input object of an img2img job."""
+def mask_input(spec: AnyJob, settings: Settings) -> ObjectRef | None:
+    """The allow-listed mask object of an inpaint job (checked like ``image_url``), else None."""
+    if isinstance(spec, InpaintJob):
+        return allowed_input(spec.mask_url, settings.s3_endpoint_url, settings.input_buckets)
+    return None
+
+
+def check_job(spec: AnyJob, settings: Settings) -> ObjectRef | None:
+    """Apply every allow-list to ``spec``; returns the input object of an img2img/inpaint job."""
     if spec.output is not None and spec.output.bucket not in settings.allowed_output_buckets:
         raise JobValidationError(
             f"output.bucket: {spec.output.bucket!r} is not an allowed output bucket "
@@ -40,6 +47,7 @@ def check_job(spec: Txt2ImgJob | Img2ImgJob, settings: Settings) -> ObjectRef | 
         check_webhook_url(spec.webhook_url, settings.webhook_hosts, forbidden)
     if spec.callback_task is not None:
         check_callback(spec.callback_task, spec.callback_queue, settings)
+    mask_input(spec, settings)
     if isinstance(spec, Img2ImgJob):
         return allowed_input(spec.image_url, settings.s3_endpoint_url, settings.input_buckets)
     return None

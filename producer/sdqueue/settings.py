@@ -29,7 +29,8 @@ WORKER_ONLY_NAMES = frozenset(
         "heartbeat_file", "ready_file", "metrics_port", "metrics_addr", "webhook_secret",
         "webhook_max_attempts", "webhook_backoff_s", "webhook_backoff_max_s", "webhook_timeout_s",
         "notify_concurrency", "log_format", "accept_volatile_broker", "result_tracebacks", "attention",
-        "compile_vae", "fp8",
+        "compile_vae", "fp8", "model_variant", "single_file_config", "safety_checker", "model_alias",
+        "lora_dir", "lora_cache_mb", "lora_max_rank",
     }
 )  # fmt: skip
 """Fields of ``sdqueue_worker.settings.WorkerSettings`` (a unit test keeps this list equal to them),
@@ -121,6 +122,11 @@ class Settings(BaseSettings):
     max_input_pixels: int = 4096 * 4096
     """Input images over this many pixels are refused (checked from the header, before decoding)."""
 
+    # --- models ------------------------------------------------------------------------------
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Model aliases a job may name in ``model`` (``SDQ_MODELS=sd15,sdxl``); each alias has its own
+    queues and workers. Empty: jobs name no model and go to the default queues."""
+
     # --- delivery (both sides: the Celery transport options must agree) ---------------
     visibility_timeout_s: int = Field(default=20, ge=5)
     """A message whose worker stops renewing its lease for this long is redelivered."""
@@ -135,7 +141,13 @@ class Settings(BaseSettings):
     """Queues a job's callback_queue may name (a job without one uses ``celery``)."""
 
     @field_validator(
-        "input_buckets", "output_buckets", "webhook_hosts", "callback_tasks", "callback_queues", mode="before"
+        "input_buckets",
+        "output_buckets",
+        "webhook_hosts",
+        "models",
+        "callback_tasks",
+        "callback_queues",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: object) -> object:

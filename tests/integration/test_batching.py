@@ -29,7 +29,7 @@ def request(job, seeds: list[int]) -> GenerationRequest:  # type: ignore[no-unty
     return GenerationRequest(job=job, job_id="t", seeds=seeds, deadline=time.monotonic() + 60)
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde"])
 def test_batched_images_match_the_same_jobs_alone(runtime, scheduler: str) -> None:  # type: ignore[no-untyped-def]
     jobs = [Txt2ImgJob(prompt=p, width=64, height=64, steps=6, scheduler=scheduler) for p in ("a", "b", "c")]
     seeds = [[11], [12, 13], [14]]

@@ -71,7 +71,7 @@ def test_submit_refuses_non_objects_and_unknown_modes(queue: SdQueue) -> None:
     with pytest.raises(JobValidationError, match="JSON object"):
         parse_job(["prompt"])
     with pytest.raises(JobValidationError, match="mode"):
-        queue.submit({"mode": "inpaint", "prompt": "x"})
+        queue.submit({"mode": "outpaint", "prompt": "x"})
     with pytest.raises(JobValidationError, match="output.bucket"):
         queue.submit({**GOOD, "mode": "txt2img", "output": {"bucket": "other"}})
 

@@ -44,7 +44,8 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
     pipe = runtime.txt2img
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
-    pipe.fuse_qkv_projections()
+    if runtime.loras is None:  # fused QKV would bypass LoRA layers on to_q/to_k/to_v
+        pipe.fuse_qkv_projections()
     latent = default_size(runtime) // pipe.vae_scale_factor
     batch = 2 * max(settings.compile_batch_sizes or [1])  # classifier-free guidance doubles the batch
     runtime.attention = attention.choose(
@@ -59,6 +60,8 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         import torch._inductor.config as inductor
 
         inductor.conv_1x1_as_mm = True
+        if runtime.loras is not None:
+            runtime.loras.prepare_hotswap(settings.lora_max_rank)
         compile_unet(pipe.unet)
         if settings.compile_vae:
             compile_vae_decoder(pipe.vae)

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob
+from sdqueue.contract import AnyJob, Img2ImgJob, InpaintJob
+from sdqueue_worker.prompts import batch_embeddings
 from sdqueue_worker.runtime import Runtime
+from sdqueue_worker.schedulers import seed_noise_sampler
 
 ProgressFn = Callable[[int, int], None]
 
@@ -32,12 +34,15 @@ def _after_step(on_step: Callable[[int], None], step: int, tensors: dict[str, An
 class GenerationRequest:
     """One job's share of a batch, handed from a task thread to the GPU thread."""
 
-    job: Txt2ImgJob | Img2ImgJob
+    job: AnyJob
     job_id: str
     seeds: list[int]
     deadline: float
     lane_rank: int = 0
     init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+    prompt_chunks: int = 1
+    """75-token chunks the longer of the prompts needs (1: diffusers' own prompt encoding)."""
     on_progress: ProgressFn | None = None
     is_cancelled: Callable[[], bool] | None = None
     future: Future[Any] = field(default_factory=Future)
@@ -45,13 +50,26 @@ class GenerationRequest:
     """Images in the pipeline call this job ran in (set by the GPU thread)."""
     pipeline: str = ""
     """Class name of the pipeline that was called for this job (set by ``run_batch``)."""
+    nsfw: list[bool] | None = None
+    """The safety checker's verdict per image (set by the GPU thread when the checker is on)."""
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one pipeline call."""
         job = self.job
         strength = job.strength if isinstance(job, Img2ImgJob) else None
-        return (job.mode, job.width, job.height, job.steps, job.guidance_scale, job.scheduler, strength)
+        loras = tuple((lora.name, lora.scale) for lora in job.loras)
+        return (
+            job.mode,
+            job.width,
+            job.height,
+            job.steps,
+            job.guidance_scale,
+            job.scheduler,
+            strength,
+            self.prompt_chunks,
+            loras,
+        )
 
     @property
     def total_steps(self) -> int:
@@ -64,16 +82,24 @@ class GenerationRequest:
         return bool(self.is_cancelled and self.is_cancelled())
 
 
-def _inputs(batch: list[GenerationRequest], pad_to: int) -> dict[str, list[Any]]:
+def _rows(batch: list[GenerationRequest], pad_to: int) -> list[tuple[GenerationRequest, int]]:
     rows = [(request, seed) for request in batch for seed in request.seeds]
-    rows += [(batch[0], 0)] * max(0, pad_to - len(rows))
-    inputs: dict[str, list[Any]] = {
-        "prompt": [request.job.prompt for request, _ in rows],
-        "negative_prompt": [request.job.negative_prompt for request, _ in rows],
-        "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in rows],
-    }
+    return rows + [(batch[0], 0)] * max(0, pad_to - len(rows))
+
+
+def _inputs(
+    pipe: Any, batch: list[GenerationRequest], rows: list[tuple[GenerationRequest, int]]
+) -> dict[str, Any]:
+    texts = [(request.job.prompt, request.job.negative_prompt) for request, _ in rows]
+    inputs: dict[str, Any] = {"generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in rows]}
+    if batch[0].prompt_chunks > 1:
+        inputs.update(batch_embeddings(pipe, texts, batch[0].prompt_chunks))
+    else:
+        inputs.update(prompt=[p for p, _ in texts], negative_prompt=[n for _, n in texts])
     if batch[0].init_image is not None:
         inputs["image"] = [request.init_image for request, _ in rows]
+    if batch[0].mask_image is not None:
+        inputs["mask_image"] = [request.mask_image for request, _ in rows]
     return inputs
 
 
@@ -90,8 +116,11 @@ def run_batch(
     job = batch[0].job
     pipe = runtime.pipeline_for(job.mode)
     pipe.scheduler = runtime.schedulers[job.scheduler]
+    rows = _rows(batch, pad_to)
+    if runtime.loras is not None:
+        runtime.loras.apply(job.loras)
+    seed_noise_sampler(pipe.scheduler, [seed for _, seed in rows])
     kwargs: dict[str, Any] = dict(
-        _inputs(batch, pad_to),
         num_inference_steps=job.steps,
         guidance_scale=job.guidance_scale,
         output_type="pt",
@@ -99,11 +128,16 @@ def run_batch(
     )
     if isinstance(job, Img2ImgJob):
         kwargs["strength"] = job.strength
-    else:
+    if not isinstance(job, Img2ImgJob) or isinstance(job, InpaintJob):
         kwargs.update(width=job.width, height=job.height)
     for request in batch:
         request.pipeline = type(pipe).__name__
     with torch.inference_mode():
+        kwargs.update(_inputs(pipe, batch, rows))
         images = _to_uint8(pipe(**kwargs).images)
     bounds = np.cumsum([len(request.seeds) for request in batch])
-    return list(np.split(images[: bounds[-1]], bounds[:-1]))
+    per_request = list(np.split(images[: bounds[-1]], bounds[:-1]))
+    if runtime.safety is not None:
+        for request, pixels in zip(batch, per_request, strict=True):
+            request.nsfw = runtime.safety.flags(pixels)
+    return per_request

@@ -1,4 +1,4 @@
-"""Decode untrusted input images safely; encode outputs.
+"""Decode untrusted input images safely (outputs are encoded in sdqueue_worker.formats).
 
 Only PNG, JPEG and WebP are opened (no FITS, TIFF, GIF, SVG...). The pixel count is checked
 from the header before any pixel is decoded, so a decompression bomb (a small file with huge
@@ -87,10 +87,3 @@ def decode_input_image(data: bytes, max_pixels: int, max_scans: int = 64) -> Ima
 def fit_to(image: Image.Image, width: int, height: int) -> Image.Image:
     """Centre-crop to the target aspect ratio, then resize: no distortion, no letterbox."""
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
-
-
-def encode_png(pixels: np.ndarray, compress_level: int) -> bytes:
-    """uint8 HxWx3 array to PNG bytes (level 1 is ~3x faster than the default for ~10% size)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()

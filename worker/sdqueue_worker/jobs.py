@@ -11,22 +11,28 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from sdqueue.contract import Img2ImgJob
-from sdqueue.errors import StorageRefused
+from sdqueue.contract import AnyJob, Img2ImgJob
+from sdqueue.errors import JobValidationError, StorageRefused
 from sdqueue.locations import ObjectRef
+from sdqueue_worker.defaults import native_side, size_of, with_model_size
 from sdqueue_worker.executor import GpuExecutor
+from sdqueue_worker.formats import encoding_for
 from sdqueue_worker.generation import GenerationRequest, ProgressFn
-from sdqueue_worker.images import decode_input_image, encode_png, fit_to
+from sdqueue_worker.images import decode_input_image, fit_to
+from sdqueue_worker.masks import decode_mask
 from sdqueue_worker.metrics import observe_job
+from sdqueue_worker.prompts import PromptCounter
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
 from sdqueue_worker.storage import WorkerStorage
 from sdqueue_worker.work import WorkItem
+
+Job = AnyJob
 
 
 @dataclass
@@ -58,15 +64,21 @@ class JobRunner:
         self.executor = executor
         self.storage = storage
         self.hostname = hostname or socket.gethostname()
+        self.prompts = PromptCounter(runtime.txt2img)
+        self.native_side = native_side(runtime.txt2img)
 
     def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
         existing = self.storage.read_json(item.manifest_ref) if ctx.maybe_done else None
         if existing is not None:
             return result_from_manifest(existing)
+        item = replace(item, spec=with_model_size(item.spec, self.native_side))
+        job = item.spec
         timings: dict[str, float] = {}
+        prompt_length = self.prompts.measure(job.prompt, job.negative_prompt)
+        loras = self._check_loras(job)
         with self.executor.preparing():
-            init_image, input_info = self._fetch_input(item, timings)
+            init_image, mask_image, input_info = self._fetch_inputs(item, timings)
             request = self.executor.submit(
                 GenerationRequest(
                     job=item.spec,
@@ -74,6 +86,8 @@ class JobRunner:
                     seeds=list(item.seeds),
                     lane_rank=item.lane_rank,
                     init_image=init_image,
+                    mask_image=mask_image,
+                    prompt_chunks=prompt_length.chunks,
                     deadline=time.monotonic() + self.settings.job_time_limit_s,
                     on_progress=ctx.on_progress,
                     is_cancelled=ctx.is_cancelled,
@@ -83,11 +97,17 @@ class JobRunner:
         pixels: np.ndarray = request.future.result()
         timings["generate_s"] = time.perf_counter() - generate_started
         batch_size = request.batch_images
+        nsfw = request.nsfw
         images = self._store_images(item, pixels, timings)
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
         timings["total_s"] = time.time() - started
         manifest = self._manifest(item, images, input_info, timings, batch_size, request.pipeline)
+        manifest["prompt"] = prompt_length.describe()
+        manifest["loras"] = loras
+        if nsfw is not None:
+            for image, flag in zip(manifest["images"], nsfw, strict=False):
+                image["nsfw"] = flag
         manifest = self.commit_manifest(item, manifest, images)
         observe_job(item.mode, timings, batch_size)
         return result_from_manifest(manifest)
@@ -110,27 +130,51 @@ class JobRunner:
             return self.storage.read_json(item.manifest_ref) or manifest
         return manifest
 
-    def _fetch_input(self, item: WorkItem, timings: dict[str, float]) -> tuple[Any, dict[str, str] | None]:
+    def _fetch_inputs(
+        self, item: WorkItem, timings: dict[str, float]
+    ) -> tuple[Any, Any, dict[str, Any] | None]:
+        """img2img/inpaint inputs fitted to the job's size: (image, mask or None, manifest info)."""
         spec, ref = item.spec, item.input_ref
         if not isinstance(spec, Img2ImgJob) or ref is None:
-            return None, None
+            return None, None, None
         began = time.perf_counter()
-        data, etag = self.storage.read_input(ref)
-        decoded = decode_input_image(data, self.settings.max_input_pixels, self.settings.max_jpeg_scans)
-        image = fit_to(decoded, spec.width, spec.height)
+        data, info = self._read(ref)
+        image = decode_input_image(data, self.settings.max_input_pixels, self.settings.max_jpeg_scans)
+        mask = None
+        if item.mask_ref is not None:
+            mask_data, info["mask"] = self._read(item.mask_ref)
+            mask = fit_to(decode_mask(mask_data, self.settings.max_input_pixels, image.size), *size_of(spec))
         timings["input_fetch_s"] = time.perf_counter() - began
-        return image, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
+        return fit_to(image, *size_of(spec)), mask, info
+
+    def _check_loras(self, job: Job) -> list[dict[str, Any]]:
+        """Each named adapter exists in the worker's folder and is a LoRA file (else a clear error)."""
+        if not job.loras:
+            return []
+        if self.runtime.loras is None:
+            raise JobValidationError("loras: this worker serves no LoRA adapters (SDQ_LORA_DIR is not set)")
+        if self.runtime.loras.hot is not None and len(job.loras) > 1:
+            raise JobValidationError("loras: with a compiled UNet (SDQ_COMPILE) a job may use one adapter")
+        return self.runtime.loras.registry.describe(job.loras)
+
+    def _read(self, ref: ObjectRef) -> tuple[bytes, dict[str, Any]]:
+        data, etag = self.storage.read_input(ref)
+        return data, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _store_images(
         self, item: WorkItem, pixels: np.ndarray, timings: dict[str, float]
     ) -> list[dict[str, Any]]:
         began = time.perf_counter()
+        job = item.spec
+        encoding = encoding_for(job, self.settings.png_compress_level)
         images = []
-        job, folder = item.spec, item.folder
+        folder = item.folder
         for index, (seed, image) in enumerate(zip(item.seeds, pixels, strict=False)):
-            ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.png")
-            body = encode_png(image, self.settings.png_compress_level)
-            self.storage.put_once(ref, body, "image/png", {"job-id": item.job_id, "seed": str(seed)})
+            ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.{encoding.extension}")
+            body = encoding.encode(image)
+            self.storage.put_once(
+                ref, body, encoding.content_type, {"job-id": item.job_id, "seed": str(seed)}
+            )
             images.append(
                 {
                     "index": index,
@@ -141,6 +185,8 @@ class JobRunner:
                     "width": job.width,
                     "height": job.height,
                     "sha256": hashlib.sha256(body).hexdigest(),
+                    "format": encoding.format,
+                    "content_type": encoding.content_type,
                 }
             )
         timings["encode_upload_s"] = time.perf_counter() - began
@@ -150,7 +196,7 @@ class JobRunner:
         self,
         item: WorkItem,
         images: list[dict[str, Any]],
-        input_info: dict[str, str] | None,
+        input_info: dict[str, Any] | None,
         timings: dict[str, float],
         batch_size: int,
         pipeline: str,
@@ -164,8 +210,10 @@ class JobRunner:
             "seeds": list(item.seeds),
             "images": images,
             "input": input_info,
+            "output_encoding": encoding_for(job, self.settings.png_compress_level).describe(),
             "manifest_url": item.manifest_ref.url,
             "model": {
+                "alias": self.settings.model_alias,
                 "id": runtime.model_id,
                 "revision": self.settings.model_revision,
                 "dtype": str(runtime.dtype).removeprefix("torch."),

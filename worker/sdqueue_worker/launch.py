@@ -201,11 +201,13 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
     here but by ``sdqueue notifier`` (see ``notifier_argv``), so they never take a job slot.
     The job-slot count comes from the executor that relies on it.
     """
-    from sdqueue.names import BULK_QUEUE, INTERACTIVE_QUEUE
+    from sdqueue.names import lane_queue
     from sdqueue_worker.executor import job_slots
     from sdqueue_worker.settings import get_worker_settings
 
-    slots = job_slots(get_worker_settings().max_batch)
+    settings = get_worker_settings()
+    slots = job_slots(settings.max_batch)
+    lanes = [lane_queue(lane, settings.model_alias) for lane in ("interactive", "bulk")]
     argv = [
         sys.executable,
         "-m",
@@ -218,7 +220,7 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
         "--prefetch-multiplier",
         "1",
         "--queues",
-        f"{INTERACTIVE_QUEUE},{BULK_QUEUE}",
+        ",".join(lanes),
         "--task-events",
         "--without-gossip",
         "--without-mingle",

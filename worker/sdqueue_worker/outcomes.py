@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK
+from sdqueue.names import TASK_FOR_MODE
 from sdqueue.states import JobState, state_of
 
-JOB_TASKS = {TXT2IMG_TASK: "txt2img", IMG2IMG_TASK: "img2img"}
+JOB_TASKS = {task: mode for mode, task in TASK_FOR_MODE.items()}
 """Task name -> mode, for the tasks that run jobs (not sdqueue.notify)."""
 
 ENDS = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING})

@@ -4,7 +4,10 @@ img2img must not go through the txt2img pipeline: since diffusers 0.22 its ``__c
 ``**kwargs`` and silently ignores ``image=``/``strength=``. The img2img pipeline is built from
 the txt2img pipeline's own module objects (``AutoPipelineForImage2Image.from_pipe``, which does
 not cast dtypes, unlike ``DiffusionPipeline.from_pipe`` without ``dtype=``, diffusers#12754), and
-``check_shared`` proves at start-up that nothing was duplicated or cast.
+``check_shared`` proves at start-up that nothing was duplicated or cast. The inpainting pipeline
+(``AutoPipelineForInpainting.from_pipe``) is built the same way and checked the same way; with a
+4-channel UNet (SD 1.x base models, the tiny test model) diffusers runs it as masked img2img:
+at every step the unmasked latents are reset to the noised input's.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
 
 from sdqueue.errors import StartupError
+from sdqueue_worker.loading import load_pipeline
+from sdqueue_worker.loras import LoraCache, LoraRegistry
+from sdqueue_worker.safety import SafetyChecker
 from sdqueue_worker.schedulers import build_schedulers
 from sdqueue_worker.settings import WorkerSettings
 
@@ -38,6 +44,7 @@ class Runtime:
 
     txt2img: DiffusionPipeline
     img2img: DiffusionPipeline
+    inpaint: DiffusionPipeline
     schedulers: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
@@ -50,9 +57,13 @@ class Runtime:
     fp8_layers: int = 0
     """UNet linear layers running in float8 (0: FP8 off)."""
     versions: dict[str, str] = field(default_factory=dict)
+    loras: LoraCache | None = None
+    """LoRA adapters (None when SDQ_LORA_DIR is unset)."""
+    safety: SafetyChecker | None = None
+    """The NSFW checker (None unless SDQ_SAFETY_CHECKER is on)."""
 
     def pipeline_for(self, mode: str) -> DiffusionPipeline:
-        return self.img2img if mode == "img2img" else self.txt2img
+        return {"img2img": self.img2img, "inpaint": self.inpaint}.get(mode, self.txt2img)
 
 
 def pick_device(settings: WorkerSettings) -> torch.device:
@@ -72,13 +83,14 @@ def pick_dtype(settings: WorkerSettings, device: torch.device) -> torch.dtype:
 
 def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: torch.dtype) -> None:
     """Fail start-up unless both pipelines use the very same modules, in the expected dtype."""
+    kind = type(img2img).__name__
     for name in SHARED_MODULES:
         if getattr(txt2img, name) is not getattr(img2img, name):
-            raise StartupError(f"img2img pipeline does not share {name} with txt2img: VRAM would double")
+            raise StartupError(f"{kind} does not share {name} with txt2img: VRAM would double")
     for name in ("unet", "vae", "text_encoder"):
         module_dtype = getattr(txt2img, name).dtype
         if module_dtype != dtype:
-            raise StartupError(f"{name} is {module_dtype} after building img2img, expected {dtype}")
+            raise StartupError(f"{name} is {module_dtype} after building {kind}, expected {dtype}")
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -126,21 +138,19 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
         torch.cuda.set_per_process_memory_fraction(settings.gpu_memory_fraction, torch.cuda.current_device())
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):  # an explicit setting wins
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-    txt2img = AutoPipelineForText2Image.from_pretrained(
-        settings.model,
-        dtype=dtype,
-        revision=settings.model_revision,
-        safety_checker=None,
-        requires_safety_checker=False,
-    ).to(device)
+    txt2img = load_pipeline(settings, dtype).to(device)
     txt2img.set_progress_bar_config(disable=True)
     img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
     img2img.set_progress_bar_config(disable=True)
     check_shared(txt2img, img2img, dtype)
+    inpaint = AutoPipelineForInpainting.from_pipe(txt2img)
+    inpaint.set_progress_bar_config(disable=True)
+    check_shared(txt2img, inpaint, dtype)
     LOAD_COUNT += 1
     runtime = Runtime(
         txt2img=txt2img,
         img2img=img2img,
+        inpaint=inpaint,
         schedulers=build_schedulers(txt2img.scheduler),
         device=device,
         dtype=dtype,
@@ -149,5 +159,9 @@ def load_runtime(settings: WorkerSettings) -> Runtime:
         load_count=LOAD_COUNT,
         versions=versions,
     )
+    if settings.safety_checker:
+        runtime.safety = SafetyChecker.take_from([txt2img, img2img, inpaint])
+    if settings.lora_dir:
+        runtime.loras = LoraCache(txt2img, LoraRegistry(settings.lora_dir), settings.lora_cache_mb * 2**20)
     log.info("model %s loaded on %s/%s in %.1fs", settings.model, device, dtype, runtime.load_seconds)
     return runtime

@@ -31,6 +31,15 @@ class WorkerSettings(Settings):
     """A hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local diffusers folder."""
     model_revision: str | None = None
     """Hub revision (commit, branch or tag) of the model; recorded in each manifest."""
+    model_variant: str | None = None
+    """Weight variant to load, e.g. ``fp16`` (files named ``*.fp16.safetensors``)."""
+    single_file_config: str | None = None
+    """For a single-file SDQ_MODEL: a diffusers folder or hub id with its configs (needed offline)."""
+    safety_checker: bool = False
+    """Run the model's NSFW checker and flag each image in the result (images are never blacked out)."""
+    model_alias: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    """The alias (one of SDQ_MODELS) this worker serves: it consumes ``sdqueue.<alias>.*`` queues and
+    runs only jobs naming it. Unset: the default queues and jobs that name no model."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """``auto``: CUDA when available, else CPU."""
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
@@ -51,6 +60,12 @@ class WorkerSettings(Settings):
     """Opt-in FP8 UNet (torchao float8 on the linear layers, bfloat16 only): faster, not identical."""
     warmup: bool = True
     """Run one tiny generation at start, before the worker takes jobs."""
+    lora_dir: str | None = None
+    """Folder of ``<name>.safetensors`` LoRA adapters jobs may name (unset: jobs may name none)."""
+    lora_cache_mb: int = Field(default=512, ge=1)
+    """Loaded adapters are kept while their file sizes add up to less than this."""
+    lora_max_rank: int = Field(default=64, ge=1, le=1024)
+    """With compile on: the highest adapter rank hot-swap must hold (enable_lora_hotswap)."""
 
     # --- worker behaviour ------------------------------------------------------------------
     max_batch: int = Field(default=1, ge=1, le=64)

@@ -26,9 +26,9 @@ from typing import Any
 from celery.exceptions import InvalidTaskError
 from celery.worker.strategy import default
 
-from sdqueue.names import IMG2IMG_TASK, NOTIFY_TASK, TXT2IMG_TASK
+from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK, TXT2IMG_TASK
 
-SDQUEUE_TASKS = frozenset({TXT2IMG_TASK, IMG2IMG_TASK, NOTIFY_TASK})
+SDQUEUE_TASKS = frozenset({TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK})
 
 
 def _shape(body: Any) -> str:

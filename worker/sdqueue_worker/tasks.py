@@ -1,4 +1,4 @@
-"""The two Celery tasks. Thin: the work is in sdqueue_worker.jobs; these add delivery bookkeeping."""
+"""The job Celery tasks. Thin: the work is in sdqueue_worker.jobs; these add delivery bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from celery.exceptions import Retry
 from celery.worker import state as worker_state
 
 from sdqueue.errors import PERMANENT_ERRORS, JobCancelled, StartupError, TransientError
-from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK, cancel_key
+from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key
 from sdqueue.states import JobState
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
@@ -112,6 +112,12 @@ def img2img(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
     return run_delivery(self, args, payload)
 
 
+@app.task(bind=True, name=INPAINT_TASK, acks_late=True, throws=EXPECTED)
+def inpaint(self: Task, *args: Any, **payload: Any) -> dict[str, Any]:
+    """Repaint the masked part of an allow-listed input image; kwargs are the job spec."""
+    return run_delivery(self, args, payload)
+
+
 def _publisher() -> Any:
     try:
         return get_state().publisher
@@ -121,14 +127,18 @@ def _publisher() -> Any:
 
 @signals.task_prerun.connect
 def _job_started(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
-    publisher = _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK) else None
+    publisher = (
+        _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK) else None
+    )
     if publisher is not None:
         publisher.job_started(str(task_id))
 
 
 @signals.task_postrun.connect
 def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
-    publisher = _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK) else None
+    publisher = (
+        _publisher() if getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK) else None
+    )
     if publisher is not None:
         publisher.job_ended(str(task_id))
 
@@ -137,5 +147,5 @@ def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None
 def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
     """A cancelled job's reason, as the Result Flower shows beside its FAILURE state."""
     publisher = _publisher() if isinstance(exception, JobCancelled) else None
-    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK):
+    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK):
         publisher.cancelled(str(task_id), exception.reason)

@@ -87,7 +87,8 @@ class FakeGenerate:
     @staticmethod
     def _pixels(request: GenerationRequest) -> np.ndarray:
         job = request.job
-        images = np.empty((len(request.seeds), job.height, job.width, 3), dtype=np.uint8)
+        height, width = job.height or 512, job.width or 512  # the worker fills these in before generating
+        images = np.empty((len(request.seeds), height, width, 3), dtype=np.uint8)
         for index, seed in enumerate(request.seeds):
             images[index] = seed % 256
         return images

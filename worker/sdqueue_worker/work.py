@@ -12,15 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sdqueue.contract import JOB_ID_PATTERN, Img2ImgJob, Txt2ImgJob, derived_seed, is_valid_job_id, parse_job
+from sdqueue.contract import JOB_ID_PATTERN, AnyJob, derived_seed, is_valid_job_id, parse_job
 from sdqueue.errors import JobValidationError
 from sdqueue.locations import ObjectRef
-from sdqueue.names import BULK_QUEUE
-from sdqueue.policy import DEFAULT_CALLBACK_QUEUE, check_job
+from sdqueue.names import is_bulk_queue
+from sdqueue.policy import DEFAULT_CALLBACK_QUEUE, check_job, mask_input
 from sdqueue_worker.outcomes import JOB_TASKS
 from sdqueue_worker.settings import WorkerSettings
 
-Job = Txt2ImgJob | Img2ImgJob
+Job = AnyJob
 MAX_SHOWN = 80
 
 
@@ -53,6 +53,7 @@ class WorkItem:
     seeds: tuple[int, ...]
     lane_rank: int
     callbacks: Callbacks
+    mask_ref: ObjectRef | None = None
 
     @property
     def mode(self) -> str:
@@ -112,14 +113,20 @@ def parse_message(
             f"job_id: {spec.job_id!r} differs from the task id {job_id!r}; send them equal"
         )
     input_ref = check_job(spec, settings)
+    if spec.model != settings.model_alias:
+        raise JobValidationError(
+            f"model: this worker serves {settings.model_alias or 'the default model'}, the job names "
+            f"{spec.model or 'no model'}; submit through the client, which routes by alias"
+        )
     return WorkItem(
         job_id=job_id,
         spec=spec,
         input_ref=input_ref,
         folder=output_folder(spec, job_id, settings),
         seeds=job_seeds(spec, job_id),
-        lane_rank=1 if routing_key == BULK_QUEUE else 0,
+        lane_rank=1 if is_bulk_queue(routing_key) else 0,
         callbacks=Callbacks(
             spec.callback_task, spec.callback_queue or DEFAULT_CALLBACK_QUEUE, spec.webhook_url
         ),
+        mask_ref=mask_input(spec, settings),
     )

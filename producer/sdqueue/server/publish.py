@@ -23,7 +23,7 @@ import redis.asyncio
 from sdqueue.client import Job, job_record, record_ttl_s
 from sdqueue.contract import spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, JobIdConflict
-from sdqueue.names import QUEUE_FOR_LANE, TASK_FOR_MODE, cancel_key, job_claim_key
+from sdqueue.names import TASK_FOR_MODE, cancel_key, job_claim_key, lane_queue
 from sdqueue.server.quotas import Refusal, active_key, rate_key
 from sdqueue.settings import Settings
 
@@ -142,9 +142,9 @@ class Submitter:
         args: list[str | int | float] = [
             per_minute / 60000, burst, job_id, limit, int(now), self.max_age_s, cancel_key(""),
             int(bool(rate)), job_record(spec, fingerprint), fingerprint,
-            record_ttl_s(spec, self.settings), envelope(self.celery, job_id, spec, QUEUE_FOR_LANE[lane]),
+            record_ttl_s(spec, self.settings), envelope(self.celery, job_id, spec, lane_queue(lane, spec.model)),
         ]  # fmt: skip
-        keys = [rate_key(tenant), active_key(tenant), job_claim_key(job_id), QUEUE_FOR_LANE[lane]]
+        keys = [rate_key(tenant), active_key(tenant), job_claim_key(job_id), lane_queue(lane, spec.model)]
         try:
             verdict, wait_ms = await self._ensure()(keys=keys, args=args)
         except (redis.RedisError, OSError) as exc:

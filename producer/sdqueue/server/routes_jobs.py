@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sdqueue.client import Job
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob
+from sdqueue.contract import Img2ImgJob, InpaintJob, Txt2ImgJob
 from sdqueue.errors import InputImageError
 from sdqueue.server.context import Context, Tenant, context
 from sdqueue.server.errors import ERROR_RESPONSES, ApiError
@@ -56,6 +56,8 @@ async def submit_job(
     spec = ctx.queue.validate(spec.model_copy(update={"job_id": job_id}))  # allow-lists before the quota
     if isinstance(spec, Img2ImgJob):
         ctx.check_input(who, spec.image_url)
+    if isinstance(spec, InpaintJob):
+        ctx.check_input(who, spec.mask_url)
     new = await ctx.submit(who, spec, job_id, lane, charge)
     return job_id, lane, new
 
@@ -64,7 +66,7 @@ async def submit_job(
 async def create_job(
     ctx: Ctx,
     who: Caller,
-    job: Annotated[Txt2ImgJob | Img2ImgJob, Body(discriminator="mode")],
+    job: Annotated[Txt2ImgJob | Img2ImgJob | InpaintJob, Body(discriminator="mode")],
     lane: LaneParam = None,
     idempotency_key: Annotated[
         str | None,

@@ -1,0 +1,72 @@
+"""Output image formats: PNG (default), WebP (lossy or lossless) and JPEG, each with its content type.
+
+PNG keeps the worker's fast compress level (``SDQ_PNG_COMPRESS_LEVEL``). Lossy formats take the
+job's ``output_quality`` (default ``DEFAULT_QUALITY``); WebP uses ``method=4``, Pillow's default
+speed/size trade-off, and JPEG 4:2:0 chroma subsampling below quality 90 (4:4:4 from 90 up, so
+high-quality JPEGs keep thin coloured edges).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sdqueue.contract import AnyJob
+
+DEFAULT_QUALITY = 90
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+@dataclass(frozen=True)
+class OutputEncoding:
+    """How a job's images are written: format, quality, lossless flag, content type, extension."""
+
+    format: str
+    quality: int | None
+    lossless: bool
+    png_compress_level: int
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.format]
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about the encoding."""
+        return {
+            "format": self.format,
+            "quality": self.quality,
+            "lossless": self.lossless,
+            "content_type": self.content_type,
+        }
+
+    def encode(self, pixels: np.ndarray) -> bytes:
+        """uint8 HxWx3 array to file bytes in this encoding."""
+        buffer = io.BytesIO()
+        image = Image.fromarray(pixels, "RGB")
+        if self.format == "png":
+            image.save(buffer, format="PNG", compress_level=self.png_compress_level)
+        elif self.format == "webp":
+            if self.lossless:
+                image.save(buffer, format="WEBP", lossless=True, quality=100, method=4)
+            else:
+                image.save(buffer, format="WEBP", quality=self.quality, method=4)
+        else:
+            quality = self.quality or DEFAULT_QUALITY
+            image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+        return buffer.getvalue()
+
+
+def encoding_for(job: AnyJob, png_compress_level: int) -> OutputEncoding:
+    """The encoding a job asked for, with the defaults filled in (so the manifest says what ran)."""
+    lossy = job.output_format == "jpeg" or (job.output_format == "webp" and not job.output_lossless)
+    quality = (job.output_quality or DEFAULT_QUALITY) if lossy else None
+    return OutputEncoding(job.output_format, quality, job.output_lossless, png_compress_level)
