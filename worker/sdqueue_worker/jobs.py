@@ -64,18 +64,23 @@ class JobRunner:
         self.executor = executor
         self.storage = storage
         self.hostname = hostname or socket.gethostname()
-        self.prompts = PromptCounter(runtime.txt2img)
-        self.native_side = native_side(runtime.txt2img)
+        self._prompts: PromptCounter | None = None
+
+    def prompts(self) -> PromptCounter:
+        """The prompt token counter, built on first use from the runtime's tokenizers."""
+        if self._prompts is None:
+            self._prompts = PromptCounter(self.runtime.txt2img)
+        return self._prompts
 
     def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
         existing = self.storage.read_json(item.manifest_ref) if ctx.maybe_done else None
         if existing is not None:
             return result_from_manifest(existing)
-        item = replace(item, spec=with_model_size(item.spec, self.native_side))
+        item = replace(item, spec=with_model_size(item.spec, native_side(self.runtime.txt2img)))
         job = item.spec
         timings: dict[str, float] = {}
-        prompt_length = self.prompts.measure(job.prompt, job.negative_prompt)
+        prompt_length = self.prompts().measure(job.prompt, job.negative_prompt)
         loras = self._check_loras(job)
         with self.executor.preparing():
             init_image, mask_image, input_info = self._fetch_inputs(item, timings)
