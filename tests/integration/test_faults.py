@@ -335,7 +335,7 @@ def test_a_message_delivered_twice_writes_once(cluster: Cluster) -> None:
 
 LEASE_REFRESH_S = 2.0  # WorkerSettings.lease_refresh_s, the default the cluster runs with
 RESTORE_INTERVAL_S = 2.0  # kombu's unacked_restore_interval (sdqueue.celeryconfig)
-KILL9 = dict(prompt="kill -9", width=64, height=64, steps=150)  # ~9 s: outlives two re-stamps
+KILL9 = dict(prompt="kill -9", width=128, height=128, steps=150)  # 10-40 s: outlives two re-stamps
 
 
 def unacked_stamp(queue: SdQueue, job_id: str) -> float | None:
