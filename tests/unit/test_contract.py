@@ -28,8 +28,8 @@ def refusal(payload: object) -> str:
 
 def test_non_objects_and_unknown_modes() -> None:
     assert refusal(["x"]) == "a job must be a JSON object, got list"
-    assert refusal({"prompt": "p"}) == "mode: must be 'txt2img' or 'img2img'"
-    assert refusal({**GOOD, "mode": "inpaint"}) == "mode: must be 'txt2img' or 'img2img'"
+    assert refusal({"prompt": "p"}) == "mode: must be 'txt2img', 'img2img' or 'inpaint'"
+    assert refusal({**GOOD, "mode": "outpaint"}) == "mode: must be 'txt2img', 'img2img' or 'inpaint'"
 
 
 def test_messages_name_the_field_without_the_mode_and_join_problems() -> None:
@@ -99,5 +99,5 @@ def test_job_ids_and_schema() -> None:
     assert is_valid_job_id("a.b:c-d_1") and not is_valid_job_id("../x") and not is_valid_job_id("")
     assert not is_valid_job_id("a" * 129) and is_valid_job_id("a" * 128)
     schema = job_json_schema()
-    assert set(schema["discriminator"]["mapping"]) == {"txt2img", "img2img"}
+    assert set(schema["discriminator"]["mapping"]) == {"txt2img", "img2img", "inpaint"}
     assert "image_url" in schema["$defs"]["Img2ImgJob"]["required"]

@@ -97,7 +97,19 @@ def item(job: Txt2ImgJob | Img2ImgJob, job_id: str, lane: str | None = None) -> 
 
 
 def runner() -> JobRunner:
+    import tempfile
+    from pathlib import Path
+
+    from sdqueue_worker.tiny_model import build_tokenizer
+
+    pipe = SimpleNamespace(  # what the runner reads of a pipeline: tokenizers and native size
+        tokenizer=build_tokenizer(Path(tempfile.mkdtemp())),
+        tokenizer_2=None,
+        unet=SimpleNamespace(config=SimpleNamespace(sample_size=8)),
+        vae_scale_factor=8,
+    )
     runtime = SimpleNamespace(
+        txt2img=pipe,
         model_id="tiny",
         dtype=torch.float16,
         device=torch.device("cpu"),
@@ -144,9 +156,12 @@ def test_a_job_is_stored_then_committed_by_its_manifest() -> None:
         "width": 64,
         "height": 64,
         "sha256": hashlib.sha256(body).hexdigest(),
+        "format": "png",
+        "content_type": "image/png",
     }
     assert manifest["model"] == {
         "id": "tiny",
+        "alias": None,
         "revision": None,
         "dtype": "float16",
         "device": "cpu",
