@@ -136,6 +136,7 @@ def test_check_shared_refuses_a_dtype_cast(settings: WorkerSettings) -> None:
     assert txt2img.unet.dtype == torch.float16  # (this diffusers keeps the tiny VAE in float32)
     img2img.unet.to(torch.float32)  # the same object: txt2img's UNet is cast too
     with pytest.raises(
-        StartupError, match="unet is torch.float32 after building img2img, expected torch.float16"
+        StartupError,
+        match="unet is torch.float32 after building StableDiffusionImg2ImgPipeline, expected torch.float16",
     ):
         check_shared(txt2img, img2img, torch.float16)

@@ -294,7 +294,7 @@ def test_try_it_page_in_chromium(server: ServerProcess, tmp_path: Path) -> None:
 
 
 BAD_JOBS = [
-    ({"prompt": "x"}, "mode", "must be 'txt2img' or 'img2img'"),
+    ({"prompt": "x"}, "mode", "must be 'txt2img', 'img2img' or 'inpaint'"),
     ({**JOB, "steps": 999}, "steps", "less than or equal to 150"),
     ({**JOB, "width": 65}, "width", "multiple of 8"),
     ({**JOB, "colour": "red"}, "colour", "unknown field"),
