@@ -253,4 +253,9 @@ def test_metrics_move_while_a_long_job_runs(stack: Stack) -> None:
         before, "sdqueue_queue_wait_seconds_count", **key
     )
     assert moved == 1, "a client without the header still gets its queue wait recorded"
+    # the result is stored before the task's end hook lowers the gauge: poll briefly
+    deadline = time.monotonic() + 10
+    while value(after, "sdqueue_running_jobs", lane="interactive") != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = scrape(stack)
     assert value(after, "sdqueue_running_jobs", lane="interactive") == 0
