@@ -11,6 +11,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from sdqueue.errors import InputImageError
 from sdqueue.locations import ObjectRef
@@ -51,16 +52,18 @@ def check_size(size: int, max_bytes: int) -> None:
         raise InputImageError("input image: the file is empty")
 
 
-def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
-    """Type, size and pixel checks of an untrusted image; raises InputImageError naming what to fix."""
+def open_image(data: bytes, max_pixels: int, verify: bool = False) -> Any:
+    """Open an untrusted PNG/JPEG/WebP from its header (no pixels decoded; with ``verify``, its
+    structure checked too) and check its pixel count; raises InputImageError naming what to fix.
+    Shared by the client's upload check and the worker's decoder."""
     from PIL import Image, UnidentifiedImageError
 
-    check_size(len(data), max_bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
-            image.verify()
+            if verify:
+                image.verify()
         except UnidentifiedImageError:
             raise InputImageError(
                 "input image: not a PNG, JPEG or WebP file (other formats are not accepted)"
@@ -69,9 +72,17 @@ def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
             raise InputImageError(
                 f"input image: more than {max_pixels} pixels; send a smaller image"
             ) from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError) as exc:  # a broken header, e.g. a JPEG cut short
             raise InputImageError(f"input image: truncated or corrupt ({exc}); upload it again") from None
     width, height = image.size
     if width * height > max_pixels or width < 1 or height < 1:
         raise InputImageError(f"input image: {width}x{height} is over the {max_pixels}-pixel limit")
+    return image
+
+
+def inspect_image(data: bytes, max_bytes: int, max_pixels: int) -> InputImage:
+    """Type, size and pixel checks of an untrusted image; raises InputImageError naming what to fix."""
+    check_size(len(data), max_bytes)
+    image = open_image(data, max_pixels, verify=True)
+    width, height = image.size
     return InputImage(data, str(image.format), width, height)

@@ -10,36 +10,16 @@ decoding. Modes are normalised to 8-bit RGB: CMYK,
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from sdqueue.errors import InputImageError
-
-ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+from sdqueue.uploads import open_image
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
-        except UnidentifiedImageError:
-            raise InputImageError(
-                "input image: not a PNG, JPEG or WebP file (other formats are not accepted)"
-            ) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise InputImageError(
-                f"input image: more than {max_pixels} pixels; send a smaller image"
-            ) from None
-        except (OSError, SyntaxError, ValueError) as exc:  # a broken header, e.g. a JPEG cut short
-            raise InputImageError(f"input image: truncated or corrupt ({exc}); upload it again") from None
-    width, height = image.size
-    if width * height > max_pixels or width < 1 or height < 1:
-        raise InputImageError(f"input image: {width}x{height} is over the {max_pixels}-pixel limit")
+    image: Image.Image = open_image(data, max_pixels)
     return image
 
 
