@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from celery import signals
@@ -25,6 +24,7 @@ from sdqueue_worker import logs
 from sdqueue_worker.backend import backend_url
 from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
+from sdqueue_worker.readiness import keep_ready_file
 from sdqueue_worker.settings import get_worker_settings
 from sdqueue_worker.state import start_state
 
@@ -66,13 +66,4 @@ def _load_model(sender: Any = None, **_: Any) -> None:
             sys.exit(1)
 
 
-@signals.worker_ready.connect
-def _mark_ready(**_: Any) -> None:
-    if settings.ready_file:
-        Path(settings.ready_file).touch()
-
-
-@signals.worker_shutdown.connect
-def _mark_not_ready(**_: Any) -> None:
-    if settings.ready_file:
-        Path(settings.ready_file).unlink(missing_ok=True)
+keep_ready_file(settings.ready_file)

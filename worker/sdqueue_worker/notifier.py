@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from celery import Task, signals
@@ -29,6 +28,7 @@ from sdqueue.webhooks import check_webhook_url, service_netlocs, signed_headers
 from sdqueue_worker import logs
 from sdqueue_worker.backoff import backoff_s
 from sdqueue_worker.metrics import NOTIFICATIONS
+from sdqueue_worker.readiness import keep_ready_file
 from sdqueue_worker.settings import get_worker_settings
 
 log = logging.getLogger(__name__)
@@ -110,13 +110,4 @@ def _serve_metrics(**_: Any) -> None:
         log.info("notifier metrics on %s:%s/metrics", settings.metrics_addr, settings.metrics_port)
 
 
-@signals.worker_ready.connect
-def _mark_ready(**_: Any) -> None:
-    if settings.ready_file:
-        Path(settings.ready_file).touch()
-
-
-@signals.worker_shutdown.connect
-def _mark_not_ready(**_: Any) -> None:
-    if settings.ready_file:
-        Path(settings.ready_file).unlink(missing_ok=True)
+keep_ready_file(settings.ready_file)
