@@ -470,7 +470,7 @@ def part_steady(bench: Bench) -> None:
 
 
 def part_fp8_eager(bench: Bench) -> None:
-    """FP8 against bf16 on the same eager pipeline: torchao works here, and how far FP8's images
+    """FP8 against bf16 on the same eager pipeline: the FP8 layers work here, and how far FP8's images
     move from bf16's on fixed seeds (eager speed understates FP8: its scaling is not fused)."""
     from sdqueue_worker.fp8 import quantize_unet_fp8
 

@@ -52,9 +52,9 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         settings.attention, pipe.unet.config, batch, (latent, latent), runtime.dtype
     )
     if settings.fp8:
-        check_fp8_supported(runtime.device, runtime.dtype)
+        check_fp8_supported(runtime.device, runtime.dtype, loras=runtime.loras is not None)
         runtime.fp8_layers = quantize_unet_fp8(pipe.unet)
-        log.info("FP8: %d UNet linear layers quantised to float8", runtime.fp8_layers)
+        log.info("FP8: %d UNet linear layers and 1x1 convolutions in float8", runtime.fp8_layers)
     if use_compile(settings, runtime):
         configure_cache(settings.compile_cache_dir)
         import torch._inductor.config as inductor

@@ -57,7 +57,7 @@ class WorkerSettings(Settings):
     attention: Literal["auto", "default", "flash", "cudnn", "efficient"] = "auto"
     """SDPA backend put first on the GPU; auto times each on the UNet's own shapes at start-up."""
     fp8: bool = False
-    """Opt-in FP8 UNet (torchao float8 on the linear layers, bfloat16 only): faster, not identical."""
+    """Opt-in FP8 UNet (linear layers and 1x1 convolutions in float8, bfloat16 only): faster, not identical."""
     warmup: bool = True
     """Run one tiny generation at start, before the worker takes jobs."""
     lora_dir: str | None = None
