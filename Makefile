@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 LINT_PATHS := producer worker devstack tests benchmarks examples
 
-.PHONY: install browser bench-server test test-unit mutation demo dev lint bench-queue bench-gpu tiny-model schema constraints clean redis-server settings-doc
+.PHONY: gpu-wheels install browser bench-server test test-unit mutation demo dev lint bench-queue bench-gpu tiny-model schema constraints clean redis-server settings-doc
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,6 +81,15 @@ bench-server: install
 # benchmarks/results/ (see benchmarks/gpu_bench.py and docs/performance.md).
 bench-gpu: install
 	$(PY) -m benchmarks.gpu_bench --only sd15 --only sdxl --only fp8
+
+# Wheels (and a redis-server) for a GPU machine with no network: carry .whl/ there (see the list).
+gpu-wheels:
+	mkdir -p .whl/redis/bin .whl/redis/lib
+	grep -v '^#' benchmarks/gpu-machine-wheels.txt | xargs python3 -m pip download -q --no-deps \
+	  --only-binary=:all: --python-version 3.12 --implementation cp -d .whl \
+	  $(foreach n,17 24 27 28 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+	cp "$$(command -v redis-server)" .whl/redis/bin/
+	cp $$(ldd "$$(command -v redis-server)" | grep -o '/[^ ]*\(liblzf\|libjemalloc\)[^ ]*') .whl/redis/lib/
 
 clean:
 	rm -rf $(VENV) .cache demo-output
