@@ -48,7 +48,7 @@ from devstack.services import (
 from sdqueue import BrokerUnavailable, JobFailed, JobIdConflict, SdQueue, Txt2ImgJob
 from sdqueue.celeryconfig import make_celery
 from sdqueue.client import JobHandle
-from sdqueue.names import TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
+from sdqueue.names import NOTIFY_QUEUE, TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
 from tests.helpers import own_stack, png_bytes, settings_from, smooth_image
 
 pytestmark = pytest.mark.faults
@@ -58,6 +58,7 @@ BUCKET = "faults"
 SHORT = dict(prompt="short", width=64, height=64, steps=2)
 MEDIUM = dict(prompt="medium", width=64, height=64, steps=100)  # ~6 s on one CPU thread
 QUEUE_KEYS = ("sdqueue.interactive*", "sdqueue.bulk*")
+WEBHOOK_HOST = "127.0.0.1:9"
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -231,6 +232,7 @@ def cluster(logdir: Path, moto: MotoServer, s3, tiny_model: str) -> Iterator[Clu
         retry_backoff_s=0.5,
         retry_backoff_max_s=4,
         progress_interval_s=0.1,
+        webhook_hosts=WEBHOOK_HOST,  # queued on sdqueue.notify, never delivered: no notifier runs here
     )
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         os.environ[key] = env[key]
@@ -548,6 +550,96 @@ def test_sigterm_mid_job_finishes_it_then_exits(cluster: Cluster) -> None:
     assert deliveries(cluster.queue, handle.job_id) == 1
     assert_committed_once(cluster.s3, handle.job_id, images=1)
     print(f"SIGTERM mid-job: the job finished, then the worker exited {exited:.1f}s after the signal")
+
+
+COLD = dict(prompt="cold shutdown", width=64, height=64, steps=200)  # ~12 s: outlives the signals
+COLD_EXIT_S = 20.0
+"""SIGQUIT to exit: the next step (under a second), requeue, consumer and pool teardown, with
+headroom for a loaded 2-core machine; the lease would need VT + restore interval and a restart."""
+
+
+def new_log(process: WorkerProcess, offset: int) -> str:
+    """What the process logged after ``offset`` bytes (its log file is shared by its restarts)."""
+    with open(process.log_path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def webhooks_queued(queue: SdQueue, job_id: str) -> list[str]:
+    """The raw notify messages queued for this job (no notifier consumes them in this module)."""
+    return [raw for raw in queue.redis.lrange(NOTIFY_QUEUE, 0, -1) if job_id in raw]
+
+
+def waiting_message(queue: SdQueue, job_id: str) -> bool:
+    """The job's message is back in a queue (not held unacknowledged by anybody)."""
+    waiting = [
+        raw
+        for pattern in QUEUE_KEYS
+        for key in queue.redis.keys(pattern)
+        for raw in queue.redis.lrange(key, 0, -1)
+    ]
+    held = [raw for raw in queue.redis.hvals("unacked") if job_id in raw]
+    return any(job_id in raw for raw in waiting) and not held
+
+
+COLD_SIGNALS = {
+    "sigquit": [signal.SIGQUIT],
+    "sigterm-then-sigquit": [signal.SIGTERM, signal.SIGQUIT],
+    "ctrl-c-twice": [signal.SIGINT, signal.SIGINT],
+}
+
+
+@pytest.mark.parametrize("how", list(COLD_SIGNALS))
+def test_cold_shutdown_mid_job_requeues_it_and_the_next_worker_runs_it_once(
+    cluster: Cluster, how: str
+) -> None:
+    """Cold shutdown (SIGQUIT; or SIGQUIT / a second Ctrl+C during a warm shutdown): the running
+    job stops at its next step, records nothing (no FAILURE, no webhook, no manifest), its
+    message goes straight back to the queue and the worker exits at once; the next worker runs
+    it to one SUCCESS, one manifest, one webhook."""
+    cluster.ensure("fa")
+    handle = cluster.queue.submit(Txt2ImgJob(webhook_url=f"http://{WEBHOOK_HOST}/in", **COLD))
+    wait_until(lambda: mid_job(handle, at_least=0.05), 120, "job running")
+    stopped = cluster.workers["fa"]
+    assert stopped.proc is not None
+    first, *more = COLD_SIGNALS[how]
+    log_from = stopped.log_path.stat().st_size
+    stopped.signal(first)
+    signalled = time.monotonic()
+    for sig in more:  # the warm shutdown is under way (the job still runs): now make it cold
+        wait_until(lambda: "Warm shutdown" in new_log(stopped, log_from), 10, "the warm shutdown")
+        stopped.signal(sig)
+    stopped.proc.wait(COLD_EXIT_S)
+    exited = time.monotonic() - signalled
+    at = (handle.progress() or {}).get("fraction", 0)
+    assert at < 0.9, f"premise: the job was stopped mid-way (progress {at})"
+    assert manifest_keys(cluster.s3, handle.job_id) == {}, "stopped, not finished"
+    assert cluster.queue.celery.AsyncResult(handle.job_id).state in {"STARTED", "PROGRESS"}, (
+        "no outcome stored"
+    )
+    assert handle.state() == "running"
+    assert waiting_message(cluster.queue, handle.job_id), "the message is back in the queue"
+    assert lease_owner(cluster.queue, handle.job_id) is None, "the run lease was released"
+    assert deliveries(cluster.queue, handle.job_id) == 0, "a shutdown is not a crash: the start is taken back"
+    assert webhooks_queued(cluster.queue, handle.job_id) == []
+    started = time.monotonic()
+    nxt = cluster.ensure("fb")[0]
+    result = handle.wait(timeout=240)
+    done = time.monotonic() - started
+    wait_idle(cluster.queue)
+    manifest = assert_committed_once(cluster.s3, handle.job_id, images=1)
+    assert manifest["worker"]["pid"] == nxt.pid and result.images
+    assert handle.state() == "succeeded"
+    assert deliveries(cluster.queue, handle.job_id) == 1
+    hooks = webhooks_queued(cluster.queue, handle.job_id)
+    assert len(hooks) == 1 and "succeeded" in hooks[0], hooks
+    log = new_log(stopped, log_from)
+    assert "reject requeue=True: the worker shut down at step" in log
+    assert "NotImplementedError" not in log and f"Task sdqueue.txt2img[{handle.job_id}] succeeded" not in log
+    print(
+        f"{how} at {at:.0%} of the job: worker exited {exited:.1f}s after the signal, the job back in the "
+        f"queue; the next worker (started then) finished it {done:.1f}s later: 1 manifest, 1 webhook"
+    )
 
 
 def test_two_workers_both_run_a_job_and_its_effects_happen_once(cluster: Cluster) -> None:

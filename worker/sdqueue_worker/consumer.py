@@ -5,6 +5,10 @@ nested 100,000 deep) or that it finds invalid, with a log line and no result: th
 "queued" for ever. This consumer stores a FAILURE with a short message for it first, under the
 message's task id when one can be found (headers, correlation id, or the raw body) and matches
 the job-id pattern. Log lines are capped: a payload is never logged whole.
+
+On a cold shutdown (SIGQUIT, a second Ctrl+C) it also stops the running jobs at their next
+denoising step, so that their messages go back to the queue (sdqueue_worker.tasks) instead of
+the jobs running on to their end.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from celery.utils.objects import Bunch
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from sdqueue.contract import is_valid_job_id
-from sdqueue.errors import JobValidationError
+from sdqueue.errors import JobValidationError, StartupError
 from sdqueue_worker.backend import cap
+from sdqueue_worker.state import get_state
 from sdqueue_worker.strategy import SDQUEUE_TASKS
 
 log = logging.getLogger(__name__)
@@ -40,8 +45,28 @@ def message_id(message: Any) -> str | None:
     return None
 
 
+def interrupt_jobs() -> None:
+    """Stop this process's jobs at their next step; they end with JobInterrupted (not a result)."""
+    try:
+        executor = get_state().executor
+    except StartupError:  # no model loaded yet: no job runs
+        return
+    log.warning("cold shutdown: running jobs stop at their next step and go back to the queue")
+    executor.interrupt()
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer, answering undecodable and invalid messages with a FAILURE result."""
+    """Celery's consumer, answering undecodable and invalid messages with a FAILURE result, and
+    handing running jobs back to the queue on a cold shutdown."""
+
+    def cancel_active_requests(self) -> None:
+        """Celery calls this on a cold shutdown only (after ``worker_soft_shutdown_timeout``).
+
+        Celery's cancel asks the pool to kill each running job, which a thread cannot be; here the
+        GPU thread stops the jobs instead, and their tasks hand the messages back (``Reject``).
+        """
+        interrupt_jobs()
+        super().cancel_active_requests()
 
     def _answer(self, message: Any, reason: str) -> None:
         task_id = message_id(message)
