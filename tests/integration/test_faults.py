@@ -15,6 +15,7 @@ Worker processes run torch with one thread (``OMP_NUM_THREADS=1``): two workers 
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -552,7 +553,9 @@ def test_sigterm_mid_job_finishes_it_then_exits(cluster: Cluster) -> None:
     print(f"SIGTERM mid-job: the job finished, then the worker exited {exited:.1f}s after the signal")
 
 
-COLD = dict(prompt="cold shutdown", width=64, height=64, steps=200)  # ~12 s: outlives the signals
+COLD = dict(
+    prompt="cold shutdown", width=64, height=64, steps=150, num_images=2
+)  # ~18 s: outlives the signals
 COLD_EXIT_S = 20.0
 """SIGQUIT to exit: the next step (under a second), requeue, consumer and pool teardown, with
 headroom for a loaded 2-core machine; the lease would need VT + restore interval and a restart."""
@@ -566,20 +569,30 @@ def new_log(process: WorkerProcess, offset: int) -> str:
 
 
 def webhooks_queued(queue: SdQueue, job_id: str) -> list[str]:
-    """The raw notify messages queued for this job (no notifier consumes them in this module)."""
-    return [raw for raw in queue.redis.lrange(NOTIFY_QUEUE, 0, -1) if job_id in raw]
+    """The states the webhooks queued for this job announce (no notifier consumes them here)."""
+    states = []
+    for raw in queue.redis.lrange(NOTIFY_QUEUE, 0, -1):
+        _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        data = json.loads(kwargs["body"])["data"]
+        if data["job_id"] == job_id:
+            states.append(data["state"])
+    return states
 
 
-def waiting_message(queue: SdQueue, job_id: str) -> bool:
-    """The job's message is back in a queue (not held unacknowledged by anybody)."""
-    waiting = [
-        raw
-        for pattern in QUEUE_KEYS
-        for key in queue.redis.keys(pattern)
-        for raw in queue.redis.lrange(key, 0, -1)
-    ]
-    held = [raw for raw in queue.redis.hvals("unacked") if job_id in raw]
-    return any(job_id in raw for raw in waiting) and not held
+def queued_ids(queue: SdQueue, job_ids: list[str]) -> list[str]:
+    """Which of these jobs wait in one queue, next to be taken first (kombu takes from the right).
+
+    Empty when they are not all in one queue, or any of them is still held unacknowledged.
+    """
+    if any(job_id in raw for raw in queue.redis.hvals("unacked") for job_id in job_ids):
+        return []
+    for pattern in QUEUE_KEYS:
+        for key in queue.redis.keys(pattern):
+            raws = queue.redis.lrange(key, 0, -1)
+            found = [job_id for raw in reversed(raws) for job_id in job_ids if job_id in raw]
+            if sorted(found) == sorted(job_ids):
+                return found
+    return []
 
 
 COLD_SIGNALS = {
@@ -595,11 +608,13 @@ def test_cold_shutdown_mid_job_requeues_it_and_the_next_worker_runs_it_once(
 ) -> None:
     """Cold shutdown (SIGQUIT; or SIGQUIT / a second Ctrl+C during a warm shutdown): the running
     job stops at its next step, records nothing (no FAILURE, no webhook, no manifest), its
-    message goes straight back to the queue and the worker exits at once; the next worker runs
-    it to one SUCCESS, one manifest, one webhook."""
+    message goes straight back to the queue, ahead of a job that was waiting, and the worker
+    exits at once; the next worker runs it to one SUCCESS, one manifest, one webhook."""
     cluster.ensure("fa")
     handle = cluster.queue.submit(Txt2ImgJob(webhook_url=f"http://{WEBHOOK_HOST}/in", **COLD))
     wait_until(lambda: mid_job(handle, at_least=0.05), 120, "job running")
+    behind = cluster.queue.submit(Txt2ImgJob(**SHORT))  # one job slot: this one waits in Redis
+    wait_until(lambda: queued_ids(cluster.queue, [behind.job_id]), 10, "the second job waiting")
     stopped = cluster.workers["fa"]
     assert stopped.proc is not None
     first, *more = COLD_SIGNALS[how]
@@ -618,7 +633,9 @@ def test_cold_shutdown_mid_job_requeues_it_and_the_next_worker_runs_it_once(
         "no outcome stored"
     )
     assert handle.state() == "running"
-    assert waiting_message(cluster.queue, handle.job_id), "the message is back in the queue"
+    assert queued_ids(cluster.queue, [handle.job_id, behind.job_id]) == [handle.job_id, behind.job_id], (
+        "back in the queue, first in line"
+    )
     assert lease_owner(cluster.queue, handle.job_id) is None, "the run lease was released"
     assert deliveries(cluster.queue, handle.job_id) == 0, "a shutdown is not a crash: the start is taken back"
     assert webhooks_queued(cluster.queue, handle.job_id) == []
@@ -626,19 +643,20 @@ def test_cold_shutdown_mid_job_requeues_it_and_the_next_worker_runs_it_once(
     nxt = cluster.ensure("fb")[0]
     result = handle.wait(timeout=240)
     done = time.monotonic() - started
+    assert behind.wait(timeout=60).images
     wait_idle(cluster.queue)
-    manifest = assert_committed_once(cluster.s3, handle.job_id, images=1)
-    assert manifest["worker"]["pid"] == nxt.pid and result.images
+    manifest = assert_committed_once(cluster.s3, handle.job_id, images=2)
+    assert manifest["worker"]["pid"] == nxt.pid and len(result.images) == 2
     assert handle.state() == "succeeded"
     assert deliveries(cluster.queue, handle.job_id) == 1
-    hooks = webhooks_queued(cluster.queue, handle.job_id)
-    assert len(hooks) == 1 and "succeeded" in hooks[0], hooks
+    assert webhooks_queued(cluster.queue, handle.job_id) == ["succeeded"]
     log = new_log(stopped, log_from)
-    assert "reject requeue=True: the worker shut down at step" in log
+    step = re.search(r"reject requeue=True: the worker shut down at step (\d+/\d+)", log)
+    assert step is not None, "the task handed its message back"
     assert "NotImplementedError" not in log and f"Task sdqueue.txt2img[{handle.job_id}] succeeded" not in log
     print(
-        f"{how} at {at:.0%} of the job: worker exited {exited:.1f}s after the signal, the job back in the "
-        f"queue; the next worker (started then) finished it {done:.1f}s later: 1 manifest, 1 webhook"
+        f"{how} at {at:.0%} of the job (stopped at step {step.group(1)}): worker exited {exited:.1f}s after "
+        f"the signal, the job first in line again; the next worker (started then) ran it {done:.1f}s later: 1 manifest, 1 webhook"
     )
 
 
