@@ -12,6 +12,8 @@ The generate function is a parameter (production: ``run_batch`` bound to the run
 ``sdqueue_worker.testing.FakeGenerate``), so everything decided here runs without a model.
 Life cycle: ``NEW`` -> ``start()`` -> ``STARTING`` (the ``prepare`` hook: optimise, compile,
 warm up, on the GPU thread) -> ``READY``, or ``DEFUNCT`` after a failed start or ``stop()``.
+``interrupt()`` (the worker's cold shutdown) ends every job, running or queued, with
+``JobInterrupted`` at the next step; their messages go back to the queue.
 """
 
 from __future__ import annotations
