@@ -83,7 +83,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {task: {"queue": INTERACTIVE_QUEUE} for task in TASK_FOR_MODE.values()},
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "worker_soft_shutdown_timeout": 10.0,
+        # A cold shutdown (SIGQUIT) stops the running job at its next step and requeues it at once:
+        # Celery's soft window would sleep its whole length whenever a job runs, however soon the
+        # job ends. The warm shutdown (SIGTERM) is the one that lets jobs finish.
+        "worker_soft_shutdown_timeout": 0.0,
     }
     if url.strip().lower().startswith("sentinel://"):  # Redis Sentinel: kombu and the backend ask it
         config["broker_transport_options"]["master_name"] = settings.redis_sentinel_master

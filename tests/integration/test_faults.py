@@ -15,6 +15,7 @@ Worker processes run torch with one thread (``OMP_NUM_THREADS=1``): two workers 
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -48,7 +49,7 @@ from devstack.services import (
 from sdqueue import BrokerUnavailable, JobFailed, JobIdConflict, SdQueue, Txt2ImgJob
 from sdqueue.celeryconfig import make_celery
 from sdqueue.client import JobHandle
-from sdqueue.names import TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
+from sdqueue.names import NOTIFY_QUEUE, TXT2IMG_TASK, deliveries_key, run_lease_key, worker_alive_key
 from tests.helpers import own_stack, png_bytes, settings_from, smooth_image
 
 pytestmark = pytest.mark.faults
@@ -58,6 +59,7 @@ BUCKET = "faults"
 SHORT = dict(prompt="short", width=64, height=64, steps=2)
 MEDIUM = dict(prompt="medium", width=64, height=64, steps=100)  # ~6 s on one CPU thread
 QUEUE_KEYS = ("sdqueue.interactive*", "sdqueue.bulk*")
+WEBHOOK_HOST = "127.0.0.1:9"
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -231,6 +233,7 @@ def cluster(logdir: Path, moto: MotoServer, s3, tiny_model: str) -> Iterator[Clu
         retry_backoff_s=0.5,
         retry_backoff_max_s=4,
         progress_interval_s=0.1,
+        webhook_hosts=WEBHOOK_HOST,  # queued on sdqueue.notify, never delivered: no notifier runs here
     )
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         os.environ[key] = env[key]
@@ -548,6 +551,113 @@ def test_sigterm_mid_job_finishes_it_then_exits(cluster: Cluster) -> None:
     assert deliveries(cluster.queue, handle.job_id) == 1
     assert_committed_once(cluster.s3, handle.job_id, images=1)
     print(f"SIGTERM mid-job: the job finished, then the worker exited {exited:.1f}s after the signal")
+
+
+COLD = dict(
+    prompt="cold shutdown", width=64, height=64, steps=150, num_images=2
+)  # ~18 s: outlives the signals
+COLD_EXIT_S = 20.0
+"""SIGQUIT to exit: the next step (under a second), requeue, consumer and pool teardown, with
+headroom for a loaded 2-core machine; the lease would need VT + restore interval and a restart."""
+
+
+def new_log(process: WorkerProcess, offset: int) -> str:
+    """What the process logged after ``offset`` bytes (its log file is shared by its restarts)."""
+    with open(process.log_path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
+def webhooks_queued(queue: SdQueue, job_id: str) -> list[str]:
+    """The states the webhooks queued for this job announce (no notifier consumes them here)."""
+    states = []
+    for raw in queue.redis.lrange(NOTIFY_QUEUE, 0, -1):
+        _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        data = json.loads(kwargs["body"])["data"]
+        if data["job_id"] == job_id:
+            states.append(data["state"])
+    return states
+
+
+def queued_ids(queue: SdQueue, job_ids: list[str]) -> list[str]:
+    """Which of these jobs wait in one queue, next to be taken first (kombu takes from the right).
+
+    Empty when they are not all in one queue, or any of them is still held unacknowledged.
+    """
+    if any(job_id in raw for raw in queue.redis.hvals("unacked") for job_id in job_ids):
+        return []
+    for pattern in QUEUE_KEYS:
+        for key in queue.redis.keys(pattern):
+            raws = queue.redis.lrange(key, 0, -1)
+            found = [job_id for raw in reversed(raws) for job_id in job_ids if job_id in raw]
+            if sorted(found) == sorted(job_ids):
+                return found
+    return []
+
+
+COLD_SIGNALS = {
+    "sigquit": [signal.SIGQUIT],
+    "sigterm-then-sigquit": [signal.SIGTERM, signal.SIGQUIT],
+    "ctrl-c-twice": [signal.SIGINT, signal.SIGINT],
+}
+
+
+@pytest.mark.parametrize("how", list(COLD_SIGNALS))
+def test_cold_shutdown_mid_job_requeues_it_and_the_next_worker_runs_it_once(
+    cluster: Cluster, how: str
+) -> None:
+    """Cold shutdown (SIGQUIT; or SIGQUIT / a second Ctrl+C during a warm shutdown): the running
+    job stops at its next step, records nothing (no FAILURE, no webhook, no manifest), its
+    message goes straight back to the queue, ahead of a job that was waiting, and the worker
+    exits at once; the next worker runs it to one SUCCESS, one manifest, one webhook."""
+    cluster.ensure("fa")
+    handle = cluster.queue.submit(Txt2ImgJob(webhook_url=f"http://{WEBHOOK_HOST}/in", **COLD))
+    wait_until(lambda: mid_job(handle, at_least=0.05), 120, "job running")
+    behind = cluster.queue.submit(Txt2ImgJob(**SHORT))  # one job slot: this one waits in Redis
+    wait_until(lambda: queued_ids(cluster.queue, [behind.job_id]), 10, "the second job waiting")
+    stopped = cluster.workers["fa"]
+    assert stopped.proc is not None
+    first, *more = COLD_SIGNALS[how]
+    log_from = stopped.log_path.stat().st_size
+    stopped.signal(first)
+    signalled = time.monotonic()
+    for sig in more:  # the warm shutdown is under way (the job still runs): now make it cold
+        wait_until(lambda: "Warm shutdown" in new_log(stopped, log_from), 10, "the warm shutdown")
+        stopped.signal(sig)
+    stopped.proc.wait(COLD_EXIT_S)
+    exited = time.monotonic() - signalled
+    at = (handle.progress() or {}).get("fraction", 0)
+    assert at < 0.9, f"premise: the job was stopped mid-way (progress {at})"
+    assert manifest_keys(cluster.s3, handle.job_id) == {}, "stopped, not finished"
+    assert cluster.queue.celery.AsyncResult(handle.job_id).state in {"STARTED", "PROGRESS"}, (
+        "no outcome stored"
+    )
+    assert handle.state() == "running"
+    assert queued_ids(cluster.queue, [handle.job_id, behind.job_id]) == [handle.job_id, behind.job_id], (
+        "back in the queue, first in line"
+    )
+    assert lease_owner(cluster.queue, handle.job_id) is None, "the run lease was released"
+    assert deliveries(cluster.queue, handle.job_id) == 0, "a shutdown is not a crash: the start is taken back"
+    assert webhooks_queued(cluster.queue, handle.job_id) == []
+    started = time.monotonic()
+    nxt = cluster.ensure("fb")[0]
+    result = handle.wait(timeout=240)
+    done = time.monotonic() - started
+    assert behind.wait(timeout=60).images
+    wait_idle(cluster.queue)
+    manifest = assert_committed_once(cluster.s3, handle.job_id, images=2)
+    assert manifest["worker"]["pid"] == nxt.pid and len(result.images) == 2
+    assert handle.state() == "succeeded"
+    assert deliveries(cluster.queue, handle.job_id) == 1
+    assert webhooks_queued(cluster.queue, handle.job_id) == ["succeeded"]
+    log = new_log(stopped, log_from)
+    step = re.search(r"reject requeue=True: the worker shut down at step (\d+/\d+)", log)
+    assert step is not None, "the task handed its message back"
+    assert "NotImplementedError" not in log and f"Task sdqueue.txt2img[{handle.job_id}] succeeded" not in log
+    print(
+        f"{how} at {at:.0%} of the job (stopped at step {step.group(1)}): worker exited {exited:.1f}s after "
+        f"the signal, the job first in line again; the next worker (started then) ran it {done:.1f}s later: 1 manifest, 1 webhook"
+    )
 
 
 def test_two_workers_both_run_a_job_and_its_effects_happen_once(cluster: Cluster) -> None:

@@ -96,6 +96,36 @@ def test_a_child_that_exits_cleanly_is_not_restarted() -> None:
     assert child.proc is not None and child.proc.returncode == 0 and child.quick_failures == 0
 
 
+RECORD_SIGNAL = (
+    "import pathlib, signal, sys, time\n"
+    "out = pathlib.Path(sys.argv[1])\n"
+    "for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):\n"
+    "    signal.signal(sig, lambda n, _: (out.write_text(signal.Signals(n).name), sys.exit(0)))\n"
+    "pathlib.Path(sys.argv[2]).touch()\n"
+    "time.sleep(60)\n"
+)
+"""A child that writes the name of the stop signal it gets to argv[1] and exits 0."""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_every_stop_signal_reaches_every_child(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGQUIT too (Celery's cold shutdown): each child gets the signal the launcher got."""
+    paths = [(tmp_path / f"{gpu}.got", tmp_path / f"{gpu}.up") for gpu in "01"]
+    argvs = [[sys.executable, "-c", RECORD_SIGNAL, str(got), str(up)] for got, up in paths]
+    code = (
+        "import os, sys; from sdqueue_worker.launch import Child, Launcher; "
+        f"sys.exit(Launcher([Child(str(i), a, dict(os.environ)) for i, a in enumerate({argvs!r})]).run())"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ))
+    try:
+        wait_for(lambda: all(up.exists() for _, up in paths), 60, "both children up")
+        launcher.send_signal(sig)
+        assert launcher.wait(30) == 0
+    finally:
+        launcher.kill()
+    assert [got.read_text() for got, _ in paths] == [sig.name, sig.name]
+
+
 # --- the real thing: two worker processes on CPU --------------------------------------------
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob
 from sdqueue.errors import GenerationError, JobCancelled, StartupError
-from sdqueue_worker.executor import ExecutorState, GpuExecutor, job_slots
+from sdqueue_worker.executor import ExecutorState, GpuExecutor, JobInterrupted, job_slots
 from sdqueue_worker.generation import GenerationRequest
 from sdqueue_worker.testing import FakeGenerate
 
@@ -248,6 +248,25 @@ def test_cancel_of_one_job_in_a_batch_lets_the_others_finish() -> None:
         assert isinstance(error_of(gone), JobCancelled)
         assert outcome(kept).shape == (1, 64, 64, 3)
     assert fake.job_ids == [["gone", "kept"]] and fake.steps_run == 6
+
+
+def test_interrupt_stops_the_running_batch_at_its_next_step_and_refuses_the_rest() -> None:
+    """The cold shutdown: every job ends with JobInterrupted (not a cancel, not a failure)."""
+    fake = FakeGenerate(step_s=0.02)
+    with running(fake, max_batch=2) as executor:
+        first = request("run-a", steps=150)
+        second = request("run-b", steps=150)
+        waiting = request("waiting", steps=150, width=128)  # another batch key: queued behind
+        first.on_progress = lambda step, total: executor.interrupt() if step == 3 else None
+        for req in (first, second, waiting):
+            executor.submit(req)
+        executor.start()
+        errors = [error_of(req) for req in (first, second, waiting)]
+        late = executor.submit(request("late"))
+        assert isinstance(error_of(late), JobInterrupted) and executor.interrupted
+    assert all(isinstance(error, JobInterrupted) for error in errors), errors
+    assert "shut down at step 3/150" in str(errors[0]) and "before this job ran" in str(errors[2])
+    assert fake.job_ids == [["run-a", "run-b"]] and fake.steps_run < 50
 
 
 def test_deadline_stops_the_call_at_a_step() -> None:

@@ -35,6 +35,7 @@ app.steps["consumer"].add(LeaseKeeper)
 logs.install(settings.log_format, settings.model)
 app.Task.Strategy = "sdqueue_worker.strategy:guarded"  # a malformed message must not stop the worker
 app.conf.worker_consumer = "sdqueue_worker.consumer:Consumer"  # every message gets a final result
+app.Task.Request = "sdqueue_worker.consumer:JobRequest"  # a cold shutdown's jobs go back first in line
 app.conf.worker_pool = "sdqueue_worker.pool:TaskPool"  # threads, with revoke(terminate=True) honoured
 # Failed results without server tracebacks, capped; OOM answers from Redis retried (backend.py).
 app.conf.result_backend = backend_url(settings.redis_url.get_secret_value())

@@ -12,6 +12,8 @@ The generate function is a parameter (production: ``run_batch`` bound to the run
 ``sdqueue_worker.testing.FakeGenerate``), so everything decided here runs without a model.
 Life cycle: ``NEW`` -> ``start()`` -> ``STARTING`` (the ``prepare`` hook: optimise, compile,
 warm up, on the GPU thread) -> ``READY``, or ``DEFUNCT`` after a failed start or ``stop()``.
+``interrupt()`` (the worker's cold shutdown) ends every job, running or queued, with
+``JobInterrupted`` at the next step; their messages go back to the queue.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def _exit_process() -> None:
     os._exit(75)
 
 
+class JobInterrupted(Exception):
+    """The worker's cold shutdown stopped this job before it ended: not a result, the job's
+    message goes back to the queue (sdqueue_worker.tasks) and another worker runs it."""
+
+
 class _Stop(Exception):
     """Raised from the step callback to abort a pipeline call."""
 
@@ -112,6 +119,7 @@ class GpuExecutor:
         self._busy_since: float | None = None
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
+        self._interrupted = threading.Event()
         self.batches_run = 0
         self.busy_seconds = 0.0
 
@@ -152,6 +160,20 @@ class GpuExecutor:
             if thread is not threading.current_thread():
                 thread.join(timeout_s)
 
+    def interrupt(self) -> None:
+        """Cold shutdown: the running call stops at its next step, queued and later jobs are
+        refused; all of them end with JobInterrupted."""
+        self._interrupted.set()
+        with self._cond:
+            left, self._pending = self._pending, []
+            self._cond.notify_all()
+        _fail([request for _, _, request in left], JobInterrupted("the worker shut down before this job ran"))
+
+    @property
+    def interrupted(self) -> bool:
+        """True once ``interrupt()`` was called."""
+        return self._interrupted.is_set()
+
     @contextmanager
     def preparing(self) -> Iterator[None]:
         """Mark a task thread as about to submit a job (the GPU thread may wait for it)."""
@@ -167,6 +189,9 @@ class GpuExecutor:
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         """Queue a job's share of work; its ``future`` ends with the pixels or the job's error."""
         with self._cond:
+            if self._interrupted.is_set():
+                request.future.set_exception(JobInterrupted("the worker shut down before this job ran"))
+                return request
             if self.state is ExecutorState.DEFUNCT:
                 request.future.set_exception(GenerationError("the GPU executor is not running"))
                 return request
@@ -261,6 +286,8 @@ class GpuExecutor:
             for request in batch:
                 if request.on_progress:
                     request.on_progress(step + 1, request.total_steps)
+            if self._interrupted.is_set():
+                raise _Stop(JobInterrupted(f"the worker shut down at step {step + 1}/{batch[0].total_steps}"))
             if all(request.cancelled() for request in batch):
                 first = batch[0]
                 reason = f"cancelled while running, at step {step + 1}/{first.total_steps}"

@@ -34,6 +34,15 @@ def count_delivery(client: redis.Redis, job_id: str, attempt: int, max_deliverie
     return count
 
 
+def uncount_delivery(client: redis.Redis, job_id: str, attempt: int) -> None:
+    """Take back a start that ended with the worker's cold shutdown: the worker did not die of
+    the job, so a restart must not bring the job closer to the poison cap."""
+    try:
+        client.decr(deliveries_key(job_id, attempt))
+    except redis.RedisError:  # the count stays one high: at worst one start fewer before the cap
+        pass
+
+
 @contextmanager
 def run_lease(client: redis.Redis, job_id: str, ttl_ms: int, owner: str) -> Iterator[str | None]:
     """Hold ``running:{job_id}`` while the job runs; yields None when another worker holds it."""

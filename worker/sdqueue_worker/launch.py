@@ -3,10 +3,12 @@
 The parent never imports torch nor touches CUDA: it counts GPUs with ``nvidia-smi -L`` and
 starts one ``celery worker`` child per GPU with ``CUDA_VISIBLE_DEVICES`` set to that GPU, a
 distinct node name and, when configured, distinct heartbeat/ready files and metrics ports.
-It forwards SIGTERM/SIGINT to every child (once per signal received: a second one makes Celery
-shut down cold), restarts a child that dies unexpectedly with exponential backoff, gives up
-(stops the others and exits 1) after ``MAX_QUICK_FAILURES`` short-lived runs in a row, and
-exits when all children have exited after a stop signal. A child that exits 0 by itself (a
+It forwards SIGTERM, SIGINT and SIGQUIT to every child, once per signal received: SIGTERM is
+Celery's warm shutdown (the jobs finish), SIGQUIT or a second SIGINT its cold one (the running
+jobs go back to the queue; a second SIGTERM is only another warm one). It restarts a child that
+dies unexpectedly with exponential backoff, gives up (stops the others and exits 1) after
+``MAX_QUICK_FAILURES`` short-lived runs in a row, and exits when all children have exited after
+a stop signal. A child that exits 0 by itself (a
 remote ``shutdown`` command) is not restarted.
 """
 
@@ -31,6 +33,8 @@ QUICK_FAILURE_S = 60.0
 MAX_QUICK_FAILURES = 5
 BACKOFF_MAX_S = 30.0
 POLL_S = 0.2
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+"""Stop signals the launcher passes on to its children (Celery's warm and cold shutdowns)."""
 
 
 def parse_gpus(gpus: str, environ: dict[str, str] | None = None) -> list[str]:
@@ -132,9 +136,7 @@ class Launcher:
             child.signal(signum)
 
     def run(self) -> int:
-        previous = {
-            signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGTERM, signal.SIGINT)
-        }
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in FORWARDED}
         try:
             for child in self.children:
                 child.start()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, signals
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.worker import state as worker_state
 
 from sdqueue.errors import PERMANENT_ERRORS, JobCancelled, StartupError, TransientError
@@ -13,7 +13,8 @@ from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, TXT2IMG_TASK, cancel_key
 from sdqueue.states import JobState
 from sdqueue_worker.app import app
 from sdqueue_worker.backoff import backoff_s
-from sdqueue_worker.guards import count_delivery, run_lease
+from sdqueue_worker.executor import JobInterrupted
+from sdqueue_worker.guards import count_delivery, run_lease, uncount_delivery
 from sdqueue_worker.jobs import JobContext, result_from_manifest
 from sdqueue_worker.notify import announce
 from sdqueue_worker.progress import StepSignals
@@ -44,7 +45,9 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
     """Check the message once, run it, and record one final outcome.
 
     A failure is recorded only while no manifest exists: a worker that wakes up after another
-    one finished the same job reports that job's result, and never notifies a second time.
+    one finished the same job reports that job's result, and never notifies a second time. A
+    job stopped by the worker's cold shutdown records nothing: its message goes back to the
+    queue (``Reject(requeue=True)``: no result stored, no webhook, not acknowledged).
     """
     state = get_state()
     routing_key = (task.request.delivery_info or {}).get("routing_key")
@@ -53,6 +56,9 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
         result = _run(task, item, state)
     except Retry:
         raise
+    except JobInterrupted as exc:
+        uncount_delivery(state.redis, item.job_id, int(task.request.retries or 0))
+        raise Reject(f"{exc}; the job goes back to the queue", requeue=True) from None
     except Exception as exc:
         finished = state.storage.read_json_quietly(item.manifest_ref)
         if finished is None:
