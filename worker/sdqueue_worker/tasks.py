@@ -17,6 +17,7 @@ from sdqueue_worker.guards import count_delivery, run_lease
 from sdqueue_worker.jobs import JobContext, result_from_manifest
 from sdqueue_worker.notify import announce
 from sdqueue_worker.progress import StepSignals
+from sdqueue_worker.revoking import end_revoked
 from sdqueue_worker.state import WorkerState, get_state
 from sdqueue_worker.work import WorkItem, parse_message
 
@@ -44,7 +45,8 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
     """Check the message once, run it, and record one final outcome.
 
     A failure is recorded only while no manifest exists: a worker that wakes up after another
-    one finished the same job reports that job's result, and never notifies a second time.
+    one finished the same job reports that job's result, and never notifies a second time. A
+    cancel ends as Celery's REVOKED with its reason (sdqueue_worker.revoking), not as a FAILURE.
     """
     state = get_state()
     routing_key = (task.request.delivery_info or {}).get("routing_key")
@@ -57,6 +59,8 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
         finished = state.storage.read_json_quietly(item.manifest_ref)
         if finished is None:
             announce(item, outcome_of_error(exc), exc)
+            if isinstance(exc, JobCancelled):
+                end_revoked(task, exc, _publisher())
             raise
         result = result_from_manifest(finished)
     announce(item, JobState.SUCCEEDED, result)
@@ -141,11 +145,3 @@ def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None
     )
     if publisher is not None:
         publisher.job_ended(str(task_id))
-
-
-@signals.task_failure.connect
-def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
-    """A cancelled job's reason, as the Result Flower shows beside its FAILURE state."""
-    publisher = _publisher() if isinstance(exception, JobCancelled) else None
-    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK):
-        publisher.cancelled(str(task_id), exception.reason)
