@@ -125,18 +125,26 @@ def backend_meta(queue: SdQueue, job_id: str) -> dict[str, Any] | None:
 
 
 def wait_cancelled_by_worker(queue: SdQueue, job_id: str, timeout: float = 90) -> dict[str, Any]:
-    """Poll until the worker recorded the job as failed with JobCancelled; returns that entry.
+    """Poll until the worker recorded the job as cancelled: Celery's REVOKED, whose reason
+    (``exc_message[0]``) says "cancelled ..."; returns that entry.
 
     Fails at once if the worker recorded any other final state (it ignored the cancel)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta = backend_meta(queue, job_id) or {}
-        if meta.get("status") in ("SUCCESS", "FAILURE"):
-            exc_type = (meta.get("result") or {}).get("exc_type") if meta["status"] == "FAILURE" else None
-            assert exc_type == "JobCancelled", f"the worker did not cancel {job_id}: {meta}"
+        assert meta.get("status") not in ("SUCCESS", "FAILURE"), f"the worker did not cancel {job_id}: {meta}"
+        if meta.get("status") == "REVOKED" and revoked_reason(meta).startswith("cancelled"):
             return meta
         time.sleep(0.05)
-    raise AssertionError(f"the worker recorded no final state for {job_id} within {timeout}s")
+    raise AssertionError(f"the worker recorded no cancel of {job_id} within {timeout}s")
+
+
+def revoked_reason(meta: dict[str, Any]) -> str:
+    """The reason of a REVOKED result-backend entry (``TaskRevokedError(reason)``)."""
+    result = meta.get("result") or {}
+    message = result.get("exc_message") if isinstance(result, dict) else None
+    parts = message if isinstance(message, (list, tuple)) else [message]
+    return str(parts[0]) if parts and parts[0] is not None else ""
 
 
 def assert_no_outputs(s3: Any, job_id: str, bucket: str = "sdqueue", prefix: str = "outputs") -> None:

@@ -346,9 +346,10 @@ class JobHandle:
 
     def _failure(self, async_result: AsyncResult) -> JobFailed:
         error = async_result.result
-        if state_of(async_result.state, error) is JobState.CANCELLED:
-            return JobCancelled(job_id=self.job_id, message="cancelled", error_type="JobCancelled")
         message = error.reason if isinstance(error, JobFailed) else str(error)
+        if state_of(async_result.state, error) is JobState.CANCELLED:  # REVOKED: its message is the reason
+            reason = message if error is not None and message else "cancelled"
+            return JobCancelled(job_id=self.job_id, message=reason, error_type="JobCancelled")
         return JobFailed(job_id=self.job_id, message=message, error_type=type(error).__name__)
 
     def cancel(self) -> None:

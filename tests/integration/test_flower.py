@@ -1,9 +1,11 @@
 """Flower, as an operator sees it: a real ``celery -A sdqueue.app flower`` process watching the
-test stack, its pages rendered by headless Chromium while a job runs and after it is cancelled.
-Screenshots are kept in test-artifacts/ (gitignored)."""
+test stack, its pages rendered by headless Chromium while a job runs, after it is cancelled (the
+REVOKED badge, with the reason) and for a job published as a raw message without argument
+reprs (its kwargs shown). Screenshots are kept in test-artifacts/ (gitignored)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -13,15 +15,19 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.result import AsyncResult
 
 from devstack.services import ROOT, WorkerProcess, free_port, wait_for
-from sdqueue import SdQueue, Txt2ImgJob
+from sdqueue import JobCancelled, SdQueue, Txt2ImgJob
 from sdqueue.client import JobHandle
+from sdqueue.names import TXT2IMG_TASK
+from tests.helpers import revoked_reason, wait_cancelled_by_worker
 
 ARTIFACTS = ROOT / "test-artifacts"
 LONG = {"width": 256, "height": 256, "steps": 150}  # about a minute on a CPU core: rendered mid-job
@@ -151,13 +157,82 @@ def test_flower_shows_progress_of_a_running_job_and_why_it_was_cancelled(flower:
     assert shown and 0 < int(shown[0]) <= 150
     assert "STARTED" in page
     assert handle.job_id in listing and listed, "the Started filter lists the job with its progress"
-    wait_for(lambda: handle.state() == "cancelled", 60, "the cancel")
+    meta = wait_cancelled_by_worker(queue, handle.job_id, 60)
+    assert handle.state() == "cancelled"
+    reason = revoked_reason(meta)
 
-    def reason_shown() -> bool:
+    def revoked_with_reason() -> bool:
         task = get_json(f"{flower}/api/task/info/{handle.job_id}")
-        return str(task.get("result", "")).startswith("cancelled: ")
+        return task.get("state") == "REVOKED" and task.get("result") == f"cancelled: {reason}"
 
-    wait_for(reason_shown, 30, "flower showing the cancel reason")
+    wait_for(revoked_with_reason, 30, "flower showing the job REVOKED with the cancel reason")
     cancelled = render(f"{flower}/task/{handle.job_id}", ARTIFACTS / "flower-task-cancelled.png")
+    assert status_badge(cancelled) == ("text-bg-secondary", "REVOKED"), cancelled[-3000:]
     assert re.search(r"cancelled: cancelled while running, at step \d+/150", cancelled), cancelled[-3000:]
-    assert "JobCancelled" in cancelled
+    listing = render(f"{flower}/tasks", ARTIFACTS / "flower-tasks-cancelled.png")
+    assert row_badge(listing, handle.job_id) == ("text-bg-secondary", "REVOKED"), listing[-3000:]
+    with pytest.raises(JobCancelled) as raised:
+        handle.wait(timeout=10)
+    assert raised.value.reason == reason and reason.startswith("cancelled while running, at step ")
+    print(f"flower shows the cancelled job REVOKED (grey badge), result 'cancelled: {reason}'")
+
+
+def status_badge(page: str) -> tuple[str, str] | None:
+    """(class, text) of the Status badge on Flower's task page."""
+    found = re.search(r'<dt>Status</dt>\s*<dd>\s*<span class="badge ([^"]+)">([^<]+)</span>', page)
+    return (found.group(1), found.group(2)) if found else None
+
+
+def row_badge(listing: str, job_id: str) -> tuple[str, str] | None:
+    """(class, text) of the state badge in the task list's row of ``job_id``."""
+    for row in re.findall(r"<tr[^>]*>.*?</tr>", listing, flags=re.S):
+        found = re.search(r'<span class="badge ([^"]+)">([^<]+)</span>', row) if job_id in row else None
+        if found:
+            return found.group(1), found.group(2)
+    return None
+
+
+def push_raw_job(queue: SdQueue, job_id: str, kwargs: dict[str, Any]) -> None:
+    """A protocol-2 message as a non-Python client writes it: no ``argsrepr``/``kwargsrepr``."""
+    body = json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    envelope = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "js", "task": TXT2IMG_TASK, "id": job_id, "root_id": job_id, "retries": 0},
+        "properties": {
+            "correlation_id": job_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": "sdqueue.interactive"},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    queue.redis.lpush("sdqueue.interactive", json.dumps(envelope))
+
+
+def test_flower_shows_the_kwargs_of_a_job_sent_without_argument_reprs(flower: str, queue: SdQueue) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    good, secret = f"raw-{uuid.uuid4().hex[:10]}", f"raw-secret-{uuid.uuid4().hex[:8]}"
+    push_raw_job(queue, good, {"prompt": "a raw lighthouse in flower", "width": 64, "height": 64, "steps": 2})
+    push_raw_job(
+        queue, secret, {"prompt": "with a password", "webhook_url": "https://ops:hunter2@hooks.invalid/x"}
+    )
+    assert AsyncResult(good, app=queue.celery).get(timeout=120)["images"]  # no submit record: not .wait()
+    refused = AsyncResult(secret, app=queue.celery)
+    refused.get(timeout=60, propagate=False)
+    assert refused.state == "FAILURE"  # hooks.invalid is on no webhook allow-list
+    wait_for(
+        lambda: "raw lighthouse" in str(get_json(f"{flower}/api/task/info/{good}").get("kwargs")),
+        30,
+        "kwargs",
+    )
+    page = render(f"{flower}/task/{good}", ARTIFACTS / "flower-task-raw-message.png")
+    shown = re.search(r"<dt>Keyword arguments</dt>\s*<dd><pre[^>]*><code>([^<]*)</code>", page)
+    assert shown and "a raw lighthouse in flower" in shown.group(1), page[-3000:]
+    assert status_badge(page) == ("text-bg-success", "SUCCESS")
+    masked = str(get_json(f"{flower}/api/task/info/{secret}").get("kwargs"))
+    assert "hunter2" not in masked and "ops:***@hooks.invalid" in masked, masked
+    print(f"flower's task page shows the raw message's kwargs: {shown.group(1)}")

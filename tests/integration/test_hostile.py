@@ -26,7 +26,7 @@ from PIL import Image
 from devstack.services import RedisServer, WorkerProcess, free_port, port_open, stack_env, wait_for
 from sdqueue import Img2ImgJob, JobValidationError, SdQueue, Txt2ImgJob
 from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK, deliveries_key
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_cancelled_by_worker
 
 SMALL = {"prompt": "a harbour", "width": 64, "height": 64, "steps": 2}
 INTERACTIVE = "sdqueue.interactive"
@@ -329,9 +329,10 @@ def long_job(queue: SdQueue) -> Any:
 
 
 def stopped_early(queue: SdQueue, handle: Any) -> int:
-    """Wait for the job to end cancelled; returns the last step it reached."""
-    result = wait_final(queue, handle.job_id, 120)
-    assert handle.state() == "cancelled", (result.state, result.result)
+    """Wait for the job to end cancelled by the worker (its own reason, not only Celery's
+    "terminated"); returns the last step it reached."""
+    wait_cancelled_by_worker(queue, handle.job_id, 120)
+    assert handle.state() == "cancelled"
     step = int((handle.progress() or {}).get("step", 0))
     assert step < 150, "the job ran on to its last step"
     return step

@@ -93,7 +93,7 @@ def test_worker_metrics_move_with_the_jobs_it_runs(stack: Stack, s3: Any) -> Non
     before = scrape(stack)
     run_mixed_jobs(stack, s3)
     cancelled = ("sdqueue_jobs_total", frozenset({"mode": "txt2img", "outcome": "cancelled"}.items()))
-    deadline = time.monotonic() + 30  # the counter moves in task_postrun, just after the backend write
+    deadline = time.monotonic() + 30  # a cancel is counted on task_revoked, just after the backend write
     while (after := scrape(stack)).get(cancelled, 0) == before.get(cancelled, 0):
         assert time.monotonic() < deadline, "the cancelled job never reached the metrics"
         time.sleep(0.1)

@@ -102,7 +102,7 @@ def announce(item: WorkItem, state: JobState, retval: Any) -> None:
 
 
 @signals.task_revoked.connect
-def _on_job_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+def _on_job_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
     name = getattr(sender, "name", "")
     if name not in JOB_TASKS or request is None:
         return
@@ -117,4 +117,5 @@ def _on_job_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
         )
     except JobValidationError:
         return  # a refused message announces nothing: its callbacks were never checked
-    announce(item, JobState.CANCELLED, JobCancelled("cancelled before it started", item.job_id))
+    reason = "cancelled while running" if terminated else "cancelled before it started"
+    announce(item, JobState.CANCELLED, JobCancelled(reason, item.job_id))

@@ -42,8 +42,8 @@ class ProgressPublisher:
     state stays STARTED (Flower's "Started" filter finds running jobs), ``result="step 12/30"``
     shows in the task list and on the task page until the job's own result replaces it, and the
     job's start time as ``timestamp`` keeps Flower's started time and runtime right. A cancel
-    sends ``task-cancelled`` with ``result="cancelled: <reason>"``: Flower still shows FAILURE (the
-    task raised JobCancelled), with the reason beside it. The cost: Flower's
+    sends Celery's ``task-revoked`` with ``result="cancelled: <reason>"``: Flower shows REVOKED,
+    with the reason beside it (sdqueue_worker.revoking). The cost: Flower's
     ``flower_events_total{type="task-started"}`` counts progress updates too.
     """
 
@@ -82,10 +82,17 @@ class ProgressPublisher:
             log.debug("progress publish failed for %s: %s", job_id, exc)
             self._local.dispatcher = None
 
-    def cancelled(self, job_id: str, reason: str) -> None:
-        """Tell Flower why a job was cancelled (its task then fails with JobCancelled)."""
+    def revoked(self, job_id: str, reason: str) -> None:
+        """Tell Flower a job was cancelled, and why: Celery's ``task-revoked``, with the reason."""
         try:
-            self._dispatcher().send("task-cancelled", uuid=job_id, result=f"cancelled: {reason}")
+            self._dispatcher().send(
+                "task-revoked",
+                uuid=job_id,
+                result=f"cancelled: {reason}",
+                terminated=False,
+                signum=None,
+                expired=False,
+            )
         except Exception as exc:
             log.debug("cancel event failed for %s: %s", job_id, exc)
             self._local.dispatcher = None

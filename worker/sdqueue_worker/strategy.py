@@ -10,6 +10,12 @@ its error handling (celery 5.7 ``Request.__init__``). Measured with a raw client
   jobs;
 * a ``kwargs`` that is not an object is dropped with a warning and no result.
 
+A message without ``argsrepr``/``kwargsrepr`` headers (celery-node, a hand-built message) would
+show empty arguments in Flower, which reads them from the ``task-received`` event that Celery
+fills from those headers; ``fill_reprs`` writes them first, from the checked body: the kwargs as
+JSON like sdqueue's producer writes them, with the password of any URL masked, capped at
+``REPR_MAX_CHARS``.
+
 Any client with broker access could stop every worker that way. Checking the shape first raises
 ``InvalidTaskError``; sdqueue's consumer (sdqueue_worker.consumer) stores a FAILURE result with
 the reason and rejects the message. The same happens to linked tasks (a message must not make
@@ -20,13 +26,17 @@ names run on the GPU worker. Unknown names get Celery's own answer, a FAILURE (N
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import InvalidTaskError
+from celery.utils.saferepr import saferepr
 from celery.worker.strategy import default
 
 from sdqueue.names import IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK, TXT2IMG_TASK
+from sdqueue.settings import mask_url
+from sdqueue_worker.backend import cap
 
 SDQUEUE_TASKS = frozenset({TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK, NOTIFY_TASK})
 
@@ -71,6 +81,43 @@ def check_body(message: Any) -> None:
     check_links(body[2])
 
 
+REPR_MAX_CHARS = 1024
+"""Celery's own cap on the argument reprs it writes (``app.amqp.kwargsrepr_maxsize``)."""
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str) and "@" in value:
+        try:
+            return mask_url(value)
+        except ValueError:  # not a URL urllib can split
+            return value
+    return value
+
+
+def kwargs_repr(kwargs: dict[str, Any]) -> str:
+    """The job's kwargs as JSON (as sdqueue's producer writes ``kwargsrepr``), URL passwords masked,
+    at most ``REPR_MAX_CHARS`` characters."""
+    shown = {str(key): _masked(value) for key, value in kwargs.items()}
+    try:
+        text = json.dumps(shown, default=str, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = saferepr(shown, REPR_MAX_CHARS)
+    return cap(text, REPR_MAX_CHARS)
+
+
+def fill_reprs(message: Any) -> None:
+    """Give a protocol-2 message without ``argsrepr``/``kwargsrepr`` headers ones built from its
+    (already checked) body, so Celery's ``task-received`` event shows the job's arguments."""
+    headers = message.headers
+    body = message.payload
+    if not isinstance(headers, dict) or "task" not in headers or not isinstance(body, (list, tuple)):
+        return
+    if not headers.get("argsrepr"):
+        headers["argsrepr"] = cap(saferepr(tuple(body[0]), REPR_MAX_CHARS), REPR_MAX_CHARS)
+    if not headers.get("kwargsrepr"):
+        headers["kwargsrepr"] = kwargs_repr(body[1])
+
+
 def refused(task: Any, app: Any) -> Callable[..., Any]:
     """The strategy of a task that is registered (a Celery built-in) but never runs here: the
     message ends FAILED with a reason, once, and is acknowledged."""
@@ -97,6 +144,7 @@ def guarded(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., 
         message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any
     ) -> Any:
         check_body(message)
+        fill_reprs(message)
         return handler(message, body, ack, reject, callbacks, **options)
 
     return task_message_handler

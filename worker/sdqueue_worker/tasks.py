@@ -18,6 +18,7 @@ from sdqueue_worker.guards import count_delivery, run_lease, uncount_delivery
 from sdqueue_worker.jobs import JobContext, result_from_manifest
 from sdqueue_worker.notify import announce
 from sdqueue_worker.progress import StepSignals
+from sdqueue_worker.revoking import end_revoked
 from sdqueue_worker.state import WorkerState, get_state
 from sdqueue_worker.work import WorkItem, parse_message
 
@@ -47,7 +48,8 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
     A failure is recorded only while no manifest exists: a worker that wakes up after another
     one finished the same job reports that job's result, and never notifies a second time. A
     job stopped by the worker's cold shutdown records nothing: its message goes back to the
-    queue (``Reject(requeue=True)``: no result stored, no webhook, not acknowledged).
+    queue (``Reject(requeue=True)``: no result stored, no webhook, not acknowledged). A
+    cancel ends as Celery's REVOKED with its reason (sdqueue_worker.revoking), not as a FAILURE.
     """
     state = get_state()
     routing_key = (task.request.delivery_info or {}).get("routing_key")
@@ -63,6 +65,8 @@ def run_delivery(task: Task, args: tuple[Any, ...], payload: dict[str, Any]) -> 
         finished = state.storage.read_json_quietly(item.manifest_ref)
         if finished is None:
             announce(item, outcome_of_error(exc), exc)
+            if isinstance(exc, JobCancelled):
+                end_revoked(task, exc, _publisher())
             raise
         result = result_from_manifest(finished)
     announce(item, JobState.SUCCEEDED, result)
@@ -147,11 +151,3 @@ def _job_ended(sender: Any = None, task_id: str | None = None, **_: Any) -> None
     )
     if publisher is not None:
         publisher.job_ended(str(task_id))
-
-
-@signals.task_failure.connect
-def _tell_flower_why(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
-    """A cancelled job's reason, as the Result Flower shows beside its FAILURE state."""
-    publisher = _publisher() if isinstance(exception, JobCancelled) else None
-    if publisher is not None and getattr(sender, "name", "") in (TXT2IMG_TASK, IMG2IMG_TASK, INPAINT_TASK):
-        publisher.cancelled(str(task_id), exception.reason)
