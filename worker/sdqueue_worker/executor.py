@@ -240,6 +240,8 @@ class GpuExecutor:
         else:
             for request, pixels in zip(batch, results, strict=False):
                 _settle(request, pixels)
+            # jobs a short result list left out would otherwise wait on their futures forever
+            _fail(batch, GenerationError(f"pipeline error: {len(results)} results for {len(batch)} jobs"))
         finally:
             self._busy_since = None
             self.busy_seconds += time.monotonic() - started
