@@ -97,12 +97,16 @@ def test_states_and_slots() -> None:
 
 
 def test_stop_during_prepare_never_becomes_ready() -> None:
-    release = threading.Event()
-    executor = GpuExecutor(FakeGenerate(), 1, 0.0, 10.0, prepare=lambda: release.wait(WAIT_S))
+    preparing, release = threading.Event(), threading.Event()
+
+    def prepare() -> None:
+        preparing.set()
+        release.wait(WAIT_S)
+
+    executor = GpuExecutor(FakeGenerate(), 1, 0.0, 10.0, prepare=prepare)
     starting = threading.Thread(target=executor.start)
     starting.start()
-    while executor.state is ExecutorState.NEW:
-        time.sleep(0.01)
+    assert preparing.wait(WAIT_S)
     executor.stop(timeout_s=0.05)  # the GPU thread is still in prepare
     release.set()
     starting.join(WAIT_S)

@@ -130,12 +130,13 @@ class GpuExecutor:
                 raise StartupError(f"the GPU executor was already started (state {self.state.name})")
             self.state = ExecutorState.STARTING
         started = threading.Event()
-        self._threads = [
+        threads = [
             threading.Thread(target=self._loop, args=(started,), name="sdq-gpu", daemon=True),
             threading.Thread(target=self._watchdog, name="sdq-gpu-watchdog", daemon=True),
         ]
-        for thread in self._threads:
+        for thread in threads:
             thread.start()
+        self._threads = threads  # only started ones: a concurrent stop() joins these
         started.wait()
         if self.start_error is not None:
             raise StartupError(f"GPU thread start-up failed: {self.start_error}") from self.start_error
