@@ -415,8 +415,9 @@ def test_watchdog_leaves_calls_that_reach_their_steps_alone() -> None:
     fake = FakeGenerate(step_s=0.06)
     with running(fake, hard_limit_s=1.5, on_stuck=stuck.set) as executor:
         executor.start()
-        outcome(executor.submit(request("slow but fine", steps=10)))  # 0.6 s: over one watchdog tick
-        time.sleep(0.5)  # and it goes on watching the idle GPU thread
+        time.sleep(0.4)  # a watchdog tick (0.375 s) on the idle GPU thread
+        outcome(executor.submit(request("slow but fine", steps=10)))  # 0.6 s: over one tick
+        time.sleep(0.4)  # and one after the call
     assert not stuck.is_set()
 
 
