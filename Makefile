@@ -48,7 +48,7 @@ mutation: install
 	$(PIP) install -q -c constraints.txt -e '.[mutation]'
 	rm -rf .mutation && mkdir -p .mutation/src
 	cp -r producer/sdqueue worker/sdqueue_worker .mutation/src/
-	cp -r tests devstack examples pyproject.toml .mutation/
+	cp -r tests benchmarks devstack docs examples pyproject.toml .mutation/
 	cd .mutation && env -u PYTHONPATH ../$(VENV)/bin/mutmut run --max-children 2; ../$(VENV)/bin/mutmut results --all true > results.txt; tail -5 results.txt
 
 demo: install tiny-model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +21,10 @@ from sdqueue_worker.testing import FakeGenerate
 
 WAIT_S = 20.0
 """Upper bound for anything to happen on a loaded CI machine; tests normally take milliseconds."""
+LOGGER = "sdqueue_worker.executor"
+
+# A GPU or watchdog thread that dies of an exception fails the test that started it.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 def request(
@@ -62,21 +68,51 @@ def error_of(req: GenerationRequest) -> BaseException | None:
     return future.exception(timeout=WAIT_S)
 
 
+def gpu_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith("sdq-gpu")}
+
+
 def test_states_and_slots() -> None:
+    before = gpu_threads()  # an earlier test's threads may still be winding down
     fake = FakeGenerate()
     executor = GpuExecutor(fake, max_batch=4, flush_window_s=0.0, time_limit_s=10.0)
     assert executor.state is ExecutorState.NEW
-    assert not [t for t in threading.enumerate() if t.name.startswith("sdq-gpu")], "no thread before start()"
-    assert executor.slots == job_slots(4) == 8 and job_slots(1) == 1
+    assert gpu_threads() <= before, "no thread before start()"
+    assert executor.slots == job_slots(4) == 8 and job_slots(1) == 1 and job_slots(2) == 4
+    assert executor.hard_limit_s == 10.0 + 60.0  # the default grace (SDQ_HARD_LIMIT_GRACE_S)
     executor.start()
     assert executor.state is ExecutorState.READY
-    with pytest.raises(StartupError, match="already started"):
+    ours = gpu_threads() - before
+    assert sorted(thread.name for thread in ours) == ["sdq-gpu", "sdq-gpu-watchdog"]
+    assert all(thread.daemon for thread in ours), "they must never keep a dying worker alive"
+    with pytest.raises(StartupError, match=r"^the GPU executor was already started \(state READY\)$"):
         executor.start()
     executor.stop()
     assert executor.state is ExecutorState.DEFUNCT
+    assert not [thread for thread in ours if thread.is_alive()], "stop() returns once both ended"
     late = executor.submit(request("late"))
-    assert isinstance(error_of(late), GenerationError)
+    error = error_of(late)
+    assert isinstance(error, GenerationError) and str(error) == "the GPU executor is not running"
     assert fake.job_ids == []
+
+
+def test_stop_during_prepare_never_becomes_ready() -> None:
+    preparing, release = threading.Event(), threading.Event()
+
+    def prepare() -> None:
+        preparing.set()
+        release.wait(WAIT_S)
+
+    executor = GpuExecutor(FakeGenerate(), 1, 0.0, 10.0, prepare=prepare)
+    starting = threading.Thread(target=executor.start)
+    starting.start()
+    assert preparing.wait(WAIT_S)
+    executor.stop(timeout_s=0.05)  # the GPU thread is still in prepare
+    release.set()
+    starting.join(WAIT_S)
+    executor.stop()
+    assert executor.state is ExecutorState.DEFUNCT
+    assert isinstance(error_of(executor.submit(request("late"))), GenerationError)
 
 
 def test_failed_prepare_is_a_startup_error() -> None:
@@ -84,9 +120,12 @@ def test_failed_prepare_is_a_startup_error() -> None:
         raise ValueError("no such GPU")
 
     executor = GpuExecutor(FakeGenerate(), 1, 0.0, 10.0, prepare=prepare)
-    with pytest.raises(StartupError, match="no such GPU"):
+    with pytest.raises(StartupError, match=r"^GPU thread start-up failed: no such GPU$") as raised:
         executor.start()
+    assert isinstance(raised.value.__cause__, ValueError)
     assert executor.state is ExecutorState.DEFUNCT
+    assert isinstance(error_of(executor.submit(request("late"))), GenerationError)
+    executor.stop()
 
 
 def test_interactive_before_bulk_then_arrival() -> None:
@@ -128,7 +167,9 @@ def test_compatible_jobs_share_a_call_up_to_max_batch() -> None:
         ]
         executor.start()
         pixels = [outcome(req) for req in reqs]
+        assert executor.batches_run == 3
     assert fake.job_ids == [["a", "b", "d"], ["wide"], ["c"]]
+    assert fake.pad_to == [0, 0, 0], "no buckets: no padding"
     assert [req.batch_images for req in reqs] == [4, 1, 4, 2, 4]
     assert [p.shape for p in pixels] == [
         (1, 64, 64, 3),
@@ -220,7 +261,8 @@ def test_cancel_before_start_never_reaches_the_gpu() -> None:
         executor.start()
         error = error_of(req)
         outcome(keep)
-    assert isinstance(error, JobCancelled) and "before it started" in str(error)
+    assert isinstance(error, JobCancelled) and error.job_id == "gone"
+    assert error.reason == "cancelled before it started"
     assert fake.job_ids == [["kept"]]
 
 
@@ -233,8 +275,9 @@ def test_cancel_while_running_stops_at_the_next_step() -> None:
         executor.start()
         executor.submit(req)
         error = error_of(req)
-    assert isinstance(error, JobCancelled) and "while running" in str(error)
-    assert fake.steps_run < 50
+    assert isinstance(error, JobCancelled) and error.job_id == "run"
+    assert error.reason == "cancelled while running, at step 3/150"
+    assert fake.steps_run == 3
 
 
 def test_cancel_of_one_job_in_a_batch_lets_the_others_finish() -> None:
@@ -276,17 +319,65 @@ def test_deadline_stops_the_call_at_a_step() -> None:
         req = executor.submit(request("slow", steps=150, deadline_s=0.1))
         error = error_of(req)
     assert isinstance(error, GenerationError)
-    assert "job time limit (0.1 s" in str(error) and "lower steps" in str(error)
+    assert str(error) == (
+        f"stopped at the job time limit (0.1 s, SDQ_JOB_TIME_LIMIT_S) at step {fake.steps_run}; "
+        "lower steps, width/height or num_images"
+    )
     assert fake.steps_run < 100
 
 
-def test_out_of_memory_batch_is_rerun_job_by_job() -> None:
+def test_the_earliest_deadline_in_a_batch_stops_the_call() -> None:
+    fake = FakeGenerate(step_s=0.02)
+    with running(fake, max_batch=2, time_limit_s=0.1) as executor:
+        reqs = [
+            executor.submit(request("late", steps=150, deadline_s=WAIT_S)),
+            executor.submit(request("soon", steps=150, deadline_s=0.1)),
+        ]
+        executor.start()
+        errors = [error_of(req) for req in reqs]
+    assert fake.job_ids == [["late", "soon"]]
+    assert all(isinstance(error, GenerationError) and "job time limit" in str(error) for error in errors)
+    assert fake.steps_run < 100
+
+
+def test_progress_is_reported_after_each_step_for_every_job() -> None:
+    fake = FakeGenerate()
+    seen: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    with running(fake, max_batch=2) as executor:
+        reqs = [executor.submit(request(name, steps=3)) for name in seen]
+        for req in reqs:
+            req.on_progress = lambda step, total, name=req.job_id: seen[name].append((step, total))
+        executor.start()
+        for req in reqs:
+            outcome(req)
+    assert seen == {"a": [(1, 3), (2, 3), (3, 3)], "b": [(1, 3), (2, 3), (3, 3)]}
+
+
+def test_cancel_after_the_last_step_still_cancels() -> None:
+    fake = FakeGenerate()
+    cancelled = threading.Event()
+    with running(fake, max_batch=2) as executor:
+        gone = executor.submit(request("gone", steps=2, cancelled=cancelled))
+        kept = executor.submit(request("kept", steps=2))
+        gone.on_progress = lambda step, total: cancelled.set() if step == total else None
+        executor.start()
+        error = error_of(gone)
+        assert outcome(kept).shape == (1, 64, 64, 3)
+    assert isinstance(error, JobCancelled) and error.job_id == "gone"
+    assert error.reason == "cancelled while running"
+    assert fake.steps_run == 2
+
+
+def test_out_of_memory_batch_is_rerun_job_by_job(caplog: pytest.LogCaptureFixture) -> None:
     fake = FakeGenerate(oom_when=lambda batch: len(batch) > 1)
-    with running(fake, max_batch=4) as executor:
+    with running(fake, max_batch=4) as executor, caplog.at_level(logging.WARNING, LOGGER):
         reqs = [executor.submit(request("a")), executor.submit(request("b", images=2))]
         executor.start()
         shapes = [outcome(req).shape for req in reqs]
     assert fake.job_ids == [["a", "b"], ["a"], ["b"]]
+    assert [r.getMessage() for r in caplog.records] == [
+        "out of memory at batch 2; running its jobs one by one"
+    ]
     assert shapes == [(1, 64, 64, 3), (2, 64, 64, 3)]
 
 
@@ -299,10 +390,10 @@ def test_out_of_memory_single_job_fails_with_advice() -> None:
         after = executor.submit(request("next", images=1))  # the executor goes on serving
         assert isinstance(error_of(after), GenerationError)
     assert isinstance(error, GenerationError)
-    assert "out of GPU memory for 3 image(s) of 64x64; lower width, height or num_images" in str(error)
+    assert str(error) == "out of GPU memory for 3 image(s) of 64x64; lower width, height or num_images"
 
 
-def test_pipeline_bug_fails_the_batch_not_the_executor() -> None:
+def test_pipeline_bug_fails_the_batch_not_the_executor(caplog: pytest.LogCaptureFixture) -> None:
     calls = {"n": 0}
 
     def generate(batch: list[GenerationRequest], on_step: Any, pad_to: int = 0) -> list[Any]:
@@ -311,21 +402,105 @@ def test_pipeline_bug_fails_the_batch_not_the_executor() -> None:
             raise ValueError("boom")
         return FakeGenerate()(batch, on_step, pad_to)
 
-    with running(FakeGenerate()) as executor:
+    with running(FakeGenerate()) as executor, caplog.at_level(logging.ERROR, LOGGER):
         executor.generate = generate
         executor.start()
         broken = executor.submit(request("broken"))
-        assert "pipeline error: ValueError: boom" in str(error_of(broken))
+        error = error_of(broken)
+        assert isinstance(error, GenerationError) and str(error) == "pipeline error: ValueError: boom"
         assert outcome(executor.submit(request("fine"))).shape == (1, 64, 64, 3)
+    [record] = caplog.records
+    assert record.getMessage() == "pipeline call failed for ['broken']" and record.exc_info is not None
 
 
-def test_watchdog_fires_on_a_call_that_never_reaches_a_step() -> None:
-    stuck = threading.Event()
+def test_watchdog_fires_once_on_a_call_that_never_reaches_a_step(caplog: pytest.LogCaptureFixture) -> None:
+    stuck = threading.Semaphore(0)
     fake = FakeGenerate(hang_when=lambda batch: True)
-    with running(fake, hard_limit_s=0.2, on_stuck=stuck.set) as executor:
+    with (
+        running(fake, hard_limit_s=0.6, on_stuck=stuck.release) as executor,
+        caplog.at_level(logging.CRITICAL, LOGGER),
+    ):
         executor.start()
         executor.submit(request("hung"))
-        assert stuck.wait(WAIT_S)
+        assert stuck.acquire(timeout=WAIT_S)
+        assert not stuck.acquire(timeout=0.5), "fired again for the same call"
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU call stuck for over 1s; exiting so the worker restarts"
+    ]
+
+
+def test_watchdog_leaves_calls_that_reach_their_steps_alone() -> None:
+    stuck = threading.Event()
+    fake = FakeGenerate(step_s=0.06)
+    with running(fake, hard_limit_s=1.5, on_stuck=stuck.set) as executor:
+        executor.start()
+        time.sleep(0.4)  # a watchdog tick (0.375 s) on the idle GPU thread
+        outcome(executor.submit(request("slow but fine", steps=10)))  # 0.6 s: over one tick
+        time.sleep(0.4)  # and one after the call
+    assert not stuck.is_set()
+
+
+def test_watchdog_exits_the_process_with_code_75_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    codes: list[int] = []
+    exited = threading.Event()
+
+    def record_exit(code: int) -> None:
+        codes.append(code)
+        exited.set()
+
+    monkeypatch.setattr(os, "_exit", record_exit)  # the real one would end the test run
+    fake = FakeGenerate(hang_when=lambda batch: True)
+    with running(fake, hard_limit_s=0.25) as executor:
+        executor.start()
+        executor.submit(request("hung"))
+        assert fake.started.wait(WAIT_S)
+        began = time.monotonic()
+        assert exited.wait(WAIT_S)
+        late_by = time.monotonic() - began - 0.25
+    assert codes == [75]  # EX_TEMPFAIL, as docs/settings.md says for SDQ_HARD_LIMIT_GRACE_S
+    assert late_by < 0.45, "it checks a few times per hard limit, not once a second"
+
+
+def test_counters_record_calls_and_busy_time() -> None:
+    fake = FakeGenerate(step_s=0.05)
+    with running(fake) as executor:
+        executor.start()
+        began = time.monotonic()
+        for name in ("a", "b"):
+            outcome(executor.submit(request(name, steps=4)))
+        elapsed = time.monotonic() - began
+        assert executor.batches_run == 2
+        assert 2 * 4 * 0.05 <= executor.busy_seconds <= elapsed
+
+
+def test_a_full_batch_does_not_wait_for_jobs_still_preparing() -> None:
+    fake = FakeGenerate()
+    with running(fake, max_batch=2, flush_window_s=WAIT_S) as executor:
+        executor.start()
+        began = time.monotonic()
+        with executor.preparing():  # a third task thread, preparing throughout
+            with executor.preparing(), executor.preparing():
+                reqs = [executor.submit(request(name)) for name in ("a", "b")]
+            for req in reqs:
+                outcome(req)
+            waited = time.monotonic() - began
+    assert waited < WAIT_S / 2
+    assert fake.job_ids == [["a", "b"]]
+
+
+def test_a_preparation_that_ends_without_a_job_releases_the_window() -> None:
+    fake = FakeGenerate()
+    with running(fake, max_batch=4, flush_window_s=WAIT_S) as executor:
+        executor.start()
+        began = time.monotonic()
+        with executor.preparing():  # another task thread whose input download will fail
+            with executor.preparing():
+                req = executor.submit(request("first"))
+            time.sleep(0.1)
+        outcome(req)
+        waited = time.monotonic() - began
+    assert waited < WAIT_S / 2
+    assert fake.job_ids == [["first"]]
 
 
 def test_stop_fails_jobs_that_never_started() -> None:
@@ -338,4 +513,40 @@ def test_stop_fails_jobs_that_never_started() -> None:
     threading.Timer(0.1, fake.release.set).start()
     executor.stop()
     assert outcome(first).shape == (1, 64, 64, 3)
-    assert "stopped before this job ran" in str(error_of(waiting))
+    error = error_of(waiting)
+    assert isinstance(error, GenerationError) and str(error) == "the worker stopped before this job ran"
+
+
+def test_stop_does_not_wait_forever_on_a_hung_call() -> None:
+    fake = FakeGenerate(hang_when=lambda batch: True)
+    executor = GpuExecutor(fake, 1, 0.0, 60.0, on_stuck=lambda: None)
+    executor.start()
+    hung = executor.submit(request("hung"))
+    assert fake.started.wait(WAIT_S)
+    began = time.monotonic()
+    executor.stop(timeout_s=0.2)
+    assert time.monotonic() - began < WAIT_S / 2
+    fake.release.set()
+    assert outcome(hung).shape == (1, 64, 64, 3), "the call, once it ends, still settles its job"
+
+
+def test_a_short_result_list_fails_the_jobs_it_left_out() -> None:
+    def generate(batch: list[GenerationRequest], on_step: Any, pad_to: int = 0) -> list[Any]:
+        return FakeGenerate()(batch, on_step, pad_to)[:1]
+
+    with running(FakeGenerate(), max_batch=2) as executor:
+        executor.generate = generate
+        reqs = [executor.submit(request(name)) for name in ("a", "b")]
+        executor.start()
+        assert outcome(reqs[0]).shape == (1, 64, 64, 3)
+        error = error_of(reqs[1])
+        assert outcome(executor.submit(request("next"))).shape == (1, 64, 64, 3)
+    assert isinstance(error, GenerationError) and str(error) == "pipeline error: 1 results for 2 jobs"
+
+
+def test_stop_before_start_fails_the_queued_jobs() -> None:
+    executor = GpuExecutor(FakeGenerate(), 1, 0.0, 60.0)
+    queued = executor.submit(request("queued"))
+    executor.stop()  # a worker shutting down while its model was still loading
+    assert executor.state is ExecutorState.DEFUNCT
+    assert str(error_of(queued)) == "the worker stopped before this job ran"

@@ -138,12 +138,13 @@ class GpuExecutor:
                 raise StartupError(f"the GPU executor was already started (state {self.state.name})")
             self.state = ExecutorState.STARTING
         started = threading.Event()
-        self._threads = [
+        threads = [
             threading.Thread(target=self._loop, args=(started,), name="sdq-gpu", daemon=True),
             threading.Thread(target=self._watchdog, name="sdq-gpu-watchdog", daemon=True),
         ]
-        for thread in self._threads:
+        for thread in threads:
             thread.start()
+        self._threads = threads  # only started ones: a concurrent stop() joins these
         started.wait()
         if self.start_error is not None:
             raise StartupError(f"GPU thread start-up failed: {self.start_error}") from self.start_error
@@ -265,6 +266,8 @@ class GpuExecutor:
         else:
             for request, pixels in zip(batch, results, strict=False):
                 _settle(request, pixels)
+            # jobs a short result list left out would otherwise wait on their futures forever
+            _fail(batch, GenerationError(f"pipeline error: {len(results)} results for {len(batch)} jobs"))
         finally:
             self._busy_since = None
             self.busy_seconds += time.monotonic() - started
