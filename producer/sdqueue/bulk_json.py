@@ -14,9 +14,20 @@ import json
 from json.encoder import encode_basestring_ascii as json_string  # json.dumps of a str
 from typing import Any
 
+from pydantic import BaseModel
+
 _PLAIN = json.JSONEncoder(check_circular=False)
 _SORTED = json.JSONEncoder(sort_keys=True, check_circular=False)
 _NESTED = (dict, list)
+
+
+def spec_values(spec: BaseModel) -> dict[str, Any]:
+    """``spec.model_dump(mode="json")``: for a spec of plain values (no output location, no LoRA),
+    the model's own field dict as it is (same keys, same order, no copy), else the dump."""
+    values: dict[str, Any] = spec.__dict__
+    if values.get("output") is None and not values.get("loras"):
+        return values
+    return spec.model_dump(mode="json")
 
 
 def spec_texts(body: dict[str, Any]) -> tuple[str, str]:
