@@ -15,10 +15,7 @@ good ones go on.
 
 from __future__ import annotations
 
-import itertools
 import json
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -149,7 +146,7 @@ class Preparer:
             spec = self._validate(row)
         except SdqError as exc:
             return LineNote(row.line, "invalid", f"line {row.line}: {exc}")
-        fingerprint_text, kwargs_open = spec_texts(spec_values(spec))
+        fingerprint_text, kwargs_open = spec_texts(*spec_values(spec))
         fingerprint = text_fingerprint(fingerprint_text)
         job_id = spec.job_id or content_job_id(fingerprint, self.run_name)
         seen = self.seen.add(job_id, row.line, fingerprint)
@@ -486,82 +483,6 @@ class BulkOptions:
     entries. A bulk job still appears in Flower once the worker receives it."""
 
 
-class Prefetch:
-    """Prepares the rows (read, validate, ids) in a thread while the caller's thread waits on
-    Redis: batches of up to ``CHUNK`` items, at most ``AHEAD`` batches ahead (memory stays flat)."""
-
-    AHEAD = 4
-
-    def __init__(self, rows: Iterator[Row], preparer: Preparer) -> None:
-        self.rows = rows
-        self.preparer = preparer
-        self.out: queue.Queue[list[Item] | BaseException | None] = queue.Queue(self.AHEAD)
-        self.stopping = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.finished = False
-
-    def batch(self) -> list[Item] | None:
-        """The next prepared items, in input order; None at the end of the input."""
-        if self.finished:
-            return None
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="sdqueue-bulk-prepare", daemon=True)
-            self.thread.start()
-        got = self.out.get()
-        if isinstance(got, BaseException):
-            self.finished = True
-            raise got
-        self.finished = got is None
-        return got
-
-    def stop(self) -> list[Item]:
-        """Stop preparing; returns what was prepared and not yet taken (the rows left stay unread)."""
-        self.stopping.set()
-        left: list[Item] = []
-        while self.thread is not None and self.thread.is_alive():
-            left += self._drain()
-            self.thread.join(0.05)
-        left += self._drain()
-        self.finished = True
-        return left
-
-    def _drain(self) -> list[Item]:
-        left: list[Item] = []
-        while True:
-            try:
-                got = self.out.get_nowait()
-            except queue.Empty:
-                return left
-            if isinstance(got, list):
-                left += got
-
-    def _run(self) -> None:
-        try:
-            items: list[Item] = []
-            for row in self.rows:
-                items.append(self.preparer.one(row))
-                if len(items) >= CHUNK or self.stopping.is_set():
-                    if not self._put(items) or self.stopping.is_set():
-                        return
-                    items = []
-            if items and not self._put(items):
-                return
-            self._put(None)
-        except BaseException as exc:  # handed to the caller's thread, which raises it
-            self._put(exc)
-
-    def _put(self, got: list[Item] | BaseException | None) -> bool:
-        while not self.stopping.is_set():
-            try:
-                self.out.put(got, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        if isinstance(got, list):
-            self.out.put(got)  # stop() drains it
-        return False
-
-
 class BulkRun:
     """Drives one bulk run over a stream of rows: resume, submit under the cap, follow, report."""
 
@@ -577,7 +498,6 @@ class BulkRun:
         self.queue = queue
         self.rows = iter(rows)
         self.preparer = preparer
-        self.prefetch = Prefetch(self.rows, preparer)
         self.options = options
         self.report = report
         self.progress = progress
@@ -603,7 +523,6 @@ class BulkRun:
             self.summary.interrupted = True
             self._close_out(drain=False)
         finally:
-            self.prefetch.stop()
             if self.report:
                 self.report.flush()
         summary = self._finish()
@@ -642,17 +561,17 @@ class BulkRun:
         fresh: list[BulkJob] = []
         read = 0
         while len(self.ready) + len(fresh) < CHUNK and read < 4 * CHUNK:
-            items = self.prefetch.batch()
-            if items is None:
+            row = next(self.rows, None)
+            if row is None:
                 self.stream_done = True
                 break
-            read += len(items)
-            self.summary.total += len(items)
-            for item in items:
-                if isinstance(item, LineNote):
-                    self._record(item)
-                else:
-                    fresh.append(item)
+            read += 1
+            self.summary.total += 1
+            item = self.preparer.one(row)
+            if isinstance(item, LineNote):
+                self._record(item)
+            else:
+                fresh.append(item)
         self._resume(fresh)
         self.ready.extend(job for job in fresh if job.state == "pending")
         return read or int(self.stream_done)
@@ -719,11 +638,10 @@ class BulkRun:
             self._record(job)
         self.inflight.clear()
         self.ready.clear()
-        prepared = self.prefetch.stop()
         if drain and not self.stream_done:
-            for line in itertools.chain((item.line for item in prepared), (row.line for row in self.rows)):
+            for row in self.rows:
                 self.summary.total += 1
-                self._record(LineNote(line, "not_submitted"))
+                self._record(LineNote(row.line, "not_submitted"))
             self.stream_done = True
 
     def _snapshot(self) -> BulkSummary:

@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-MEMORY_IDS = 1 << 16
+MEMORY_IDS = 1 << 18
 DISK_CACHE_KIB = 8 * 1024
 
 ID_PREFIX = "bulk-"

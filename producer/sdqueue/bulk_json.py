@@ -18,30 +18,31 @@ from pydantic import BaseModel
 
 _PLAIN = json.JSONEncoder(check_circular=False)
 _SORTED = json.JSONEncoder(sort_keys=True, check_circular=False)
-_NESTED = (dict, list)
 
 
-def spec_values(spec: BaseModel) -> dict[str, Any]:
-    """``spec.model_dump(mode="json")``: for a spec of plain values (no output location, no LoRA),
-    the model's own field dict as it is (same keys, same order, no copy), else the dump."""
+def spec_values(spec: BaseModel) -> tuple[dict[str, Any], bool]:
+    """``spec.model_dump(mode="json")``, and whether it holds nothing nested but an empty list: for
+    a spec of plain values (no output location, no LoRA) the model's own field dict as it is (same
+    keys, same order, no copy), else the dump."""
     values: dict[str, Any] = spec.__dict__
     if values.get("output") is None and not values.get("loras"):
-        return values
-    return spec.model_dump(mode="json")
+        return values, True
+    return spec.model_dump(mode="json"), False
 
 
-def spec_texts(body: dict[str, Any]) -> tuple[str, str]:
-    """(the text ``spec_fingerprint`` hashes, the task kwargs) of a ``model_dump(mode="json")``.
+def spec_texts(body: dict[str, Any], plain: bool = False) -> tuple[str, str]:
+    """(the text ``spec_fingerprint`` hashes, the task kwargs) of a ``model_dump(mode="json")``;
+    ``plain``: it holds no nested None (``spec_values`` says).
 
     The kwargs leave out None values (nested ones too) and are left open (no closing brace) for
     ``close_kwargs`` to add the job id when the spec names none."""
-    fingerprint = _SORTED.encode({name: value for name, value in body.items() if name != "job_id"})
-    kwargs = {
-        name: without_none(value) if type(value) in _NESTED else value
-        for name, value in body.items()
-        if value is not None
-    }
-    return fingerprint, _PLAIN.encode(kwargs)[:-1]
+    hashed = dict(body)
+    hashed.pop("job_id", None)
+    if plain:
+        kwargs = {name: value for name, value in body.items() if value is not None}
+    else:
+        kwargs = without_none(body)
+    return _SORTED.encode(hashed), _PLAIN.encode(kwargs)[:-1]
 
 
 def close_kwargs(kwargs_open: str, job_id: str, own_id: bool) -> str:
