@@ -24,12 +24,13 @@ from typing import Any, Literal, Protocol
 
 from sdqueue.bulk_ids import SeenIds, content_job_id, fingerprint_tag
 from sdqueue.bulk_input import Row
+from sdqueue.bulk_json import close_kwargs, spec_texts, spec_values, without_none
 from sdqueue.bulk_report import ReportWriter
 from sdqueue.bulk_uploads import InputUploader, is_local
 from sdqueue.bulk_wire import LanePusher, Pushed, WireJob
 from sdqueue.celeryconfig import make_celery
 from sdqueue.client import SdQueue, job_record, publish_job, record_ttl_s
-from sdqueue.contract import AnyJob, spec_fingerprint
+from sdqueue.contract import AnyJob, Img2ImgJob, parse_job_json, text_fingerprint
 from sdqueue.errors import BrokerUnavailable, SdqError
 from sdqueue.locations import ObjectRef
 from sdqueue.names import cancel_key, job_claim_key, lane_queue
@@ -52,6 +53,9 @@ class BulkJob:
     """The validated spec; its job_id is the line's own or None (the job id is ``job_id``)."""
     fingerprint: str
     """spec_fingerprint(spec), kept for the idempotency claim."""
+    kwargs_open: str | None = None
+    """The task kwargs as JSON, left open for the job id (``bulk_json.spec_texts``), when the
+    preparer made them already (with the fingerprint's text, from the same pass)."""
     state: str = "pending"
     """pending, queued (submitted, unfinished), succeeded, failed, cancelled; at the end also
     unfinished (still queued or running when the run stopped)."""
@@ -77,13 +81,17 @@ class BulkJob:
 
     def kwargs_json(self) -> str:
         """The task kwargs as JSON, as ``publish_job`` sends them (the job id included)."""
-        kwargs = self.spec.model_dump(mode="json", exclude_none=True)
+        if self.kwargs_open is not None:
+            return close_kwargs(self.kwargs_open, self.job_id, self.spec.job_id is not None)
+        kwargs = without_none(self.spec.model_dump(mode="json"))
         kwargs["job_id"] = self.job_id
         return json.dumps(kwargs)
 
     def claim(self) -> str:
         """The value of its submit-side claim (the job's record), as ``SdQueue.submit`` writes it."""
-        return job_record(self.spec, self.fingerprint)
+        if self.spec.output is not None:
+            return job_record(self.spec, self.fingerprint)
+        return f'{{"fingerprint": "{self.fingerprint}", "at": {time.time()!r}}}'  # job_record's text
 
     def wire(self, settings: Settings) -> WireJob:
         ttl = record_ttl_s(self.spec, settings)
@@ -138,7 +146,8 @@ class Preparer:
             spec = self._validate(row)
         except SdqError as exc:
             return LineNote(row.line, "invalid", f"line {row.line}: {exc}")
-        fingerprint = spec_fingerprint(spec)
+        fingerprint_text, kwargs_open = spec_texts(*spec_values(spec))
+        fingerprint = text_fingerprint(fingerprint_text)
         job_id = spec.job_id or content_job_id(fingerprint, self.run_name)
         seen = self.seen.add(job_id, row.line, fingerprint)
         duplicate_of = None
@@ -149,9 +158,13 @@ class Preparer:
             if spec.job_id or self.duplicates == "once":
                 return LineNote(row.line, "duplicate", job_id=job_id, duplicate_of=seen.first_line)
             duplicate_of, job_id = seen.first_line, content_job_id(fingerprint, self.run_name, seen.count + 1)
-        return BulkJob(row.line, job_id, spec, fingerprint, duplicate_of=duplicate_of)
+        return BulkJob(row.line, job_id, spec, fingerprint, kwargs_open, duplicate_of=duplicate_of)
 
     def _validate(self, row: Row) -> Job:
+        if row.text is not None:
+            spec = parse_job_json(row.text, row.default_mode)
+            if spec is not None and not _names_local_input(spec):
+                return self.queue.validate(spec)
         if row.spec is None:
             raise SdqError(row.error or "unreadable line")
         raw = row.spec
@@ -159,6 +172,11 @@ class Preparer:
         if path is not None and self.uploader is not None:
             raw = {**raw, "image_url": self.uploader.url_for(path)}
         return self.queue.validate(raw)
+
+
+def _names_local_input(spec: Job) -> bool:
+    """An img2img job whose input is a local file (to upload before it is validated again)."""
+    return isinstance(spec, Img2ImgJob) and spec.mode == "img2img" and is_local(spec.image_url)
 
 
 def _local_input(raw: dict[str, Any]) -> str | None:
@@ -214,30 +232,50 @@ class BulkSummary:
         return {key: round(value, 3) if isinstance(value, float) else value for key, value in items}
 
 
+READ_SCRIPT = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local meta = redis.call('GET', KEYS[i])
+  local cancel = redis.call('GET', KEYS[n + i])
+  if meta or cancel then
+    out[#out + 1] = i
+    out[#out + 1] = meta or ''
+    out[#out + 1] = cancel or ''
+  end
+end
+return out
+"""
+"""KEYS: the result-backend keys of n jobs, then their cancel keys. Returns (index, meta, cancel)
+for each job that has either, flat: a batch of fresh jobs answers an empty list, not 2n nils."""
+
+
 class StateReader:
-    """Reads the outcome of many jobs at once from the result backend (two MGETs per batch)."""
+    """Reads the outcome of many jobs at once from the result backend (one script call per batch)."""
 
     def __init__(self, queue: SdQueue) -> None:
         self.queue = queue
         self.backend = queue.celery.backend
+        probe = self.backend.get_key_for_task("x")
+        probe = probe.decode() if isinstance(probe, bytes) else str(probe)
+        self.meta_prefix = probe.removesuffix("x")
+        self.script = queue.redis.register_script(READ_SCRIPT)
 
     def _meta_key(self, job_id: str) -> str:
-        key = self.backend.get_key_for_task(job_id)
-        return key.decode() if isinstance(key, bytes) else str(key)
+        return self.meta_prefix + job_id
 
     def update(self, jobs: list[BulkJob]) -> list[BulkJob]:
         """Settle the jobs whose outcome is known; returns those."""
         finished = []
         for start in range(0, len(jobs), 1000):
             part = jobs[start : start + 1000]
-            pipe = self.queue.redis.pipeline(transaction=False)
-            pipe.mget([self._meta_key(job.job_id) for job in part])
-            pipe.mget([cancel_key(job.job_id) for job in part])
+            keys = [self.meta_prefix + job.job_id for job in part] + [cancel_key(job.job_id) for job in part]
             try:
-                metas, cancels = pipe.execute()
+                found = self.script(keys=keys)
             except Exception as exc:
                 raise BrokerUnavailable(f"cannot read results from Redis: {exc}") from None
-            for job, meta, cancelled in zip(part, metas, cancels, strict=False):
+            for index, meta, cancelled in zip(found[::3], found[1::3], found[2::3], strict=True):
+                job = part[int(index) - 1]
                 if settle(job, json.loads(meta) if meta else None, bool(cancelled)):
                     finished.append(job)
         return finished

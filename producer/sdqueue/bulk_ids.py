@@ -6,7 +6,7 @@ run name. The line number is not part of it: inserting, deleting or reordering l
 other lines' ids alone, and editing a line changes only that line's id.
 
 The ids seen so far (to report repeated lines) live in flat arrays up to ``MEMORY_IDS`` distinct
-ids (about 3 MB), then move to an SQLite file in a temporary folder with a bounded page cache, so
+ids (262,144: about 12 MB), then move to an SQLite file in a temporary folder with a bounded page cache, so
 memory stays flat however long the file is.
 """
 
@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-MEMORY_IDS = 1 << 16
+MEMORY_IDS = 1 << 18
 DISK_CACHE_KIB = 8 * 1024
 
 ID_PREFIX = "bulk-"

@@ -13,7 +13,6 @@ import csv
 import json
 import types
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from sdqueue.contract import Img2ImgJob, InpaintJob, OutputLocation, Txt2ImgJob
@@ -21,13 +20,61 @@ from sdqueue.contract import Img2ImgJob, InpaintJob, OutputLocation, Txt2ImgJob
 FORMATS = ("jsonl", "csv")
 
 
-@dataclass(frozen=True)
 class Row:
-    """One job line of the input: its 1-based line number and the raw spec, or why it is unusable."""
+    """One job line of the input: its 1-based line number and the raw spec, or why it is unusable.
 
-    line: int
-    spec: dict[str, Any] | None
-    error: str | None = None
+    A JSONL row keeps its ``text`` and parses it only when ``spec`` or ``error`` is read: the bulk
+    preparer validates the text itself (pydantic's JSON parser, no dict in between) and reads
+    ``spec`` only for lines that do not validate as they stand or that name a local input file.
+    ``default_mode`` is the mode of a JSONL line that names none."""
+
+    __slots__ = ("line", "text", "default_mode", "_spec", "_error", "_parsed")
+
+    def __init__(
+        self,
+        line: int,
+        spec: dict[str, Any] | None = None,
+        error: str | None = None,
+        *,
+        text: str | None = None,
+        default_mode: str | None = None,
+    ) -> None:
+        self.line = line
+        self.text = text
+        self.default_mode = default_mode
+        self._spec, self._error, self._parsed = spec, error, text is None
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The line as a dict (None when it is not a JSON object)."""
+        self._parse()
+        return self._spec
+
+    @property
+    def error(self) -> str | None:
+        """Why the line is unusable, when it is."""
+        self._parse()
+        return self._error
+
+    def _parse(self) -> None:
+        if self._parsed:
+            return
+        self._parsed = True
+        spec, self._error = parse_object(self.text or "")
+        if spec is not None and self.default_mode and "mode" not in spec:
+            spec = {"mode": self.default_mode, **spec}
+        self._spec = spec
+
+
+def parse_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSONL line as a dict, or why it is not one."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(spec, dict):
+        return None, f"a job must be a JSON object, got {type(spec).__name__}"
+    return spec, None
 
 
 def _scalar(annotation: Any) -> type:
@@ -84,21 +131,12 @@ def spec_from_cells(cells: dict[str, str]) -> dict[str, Any]:
     return spec
 
 
-def read_jsonl(lines: Iterable[str]) -> Iterator[Row]:
-    """Rows of a JSONL stream (blank and ``#`` lines skipped, line numbers kept)."""
+def read_jsonl(lines: Iterable[str], default_mode: str | None = None) -> Iterator[Row]:
+    """Rows of a JSONL stream (blank and ``#`` lines skipped, line numbers kept), parsed lazily."""
     for number, text in enumerate(lines, start=1):
         text = text.strip()
-        if not text or text.startswith("#"):
-            continue
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield Row(number, None, f"not valid JSON ({exc.msg} at column {exc.colno})")
-            continue
-        if not isinstance(spec, dict):
-            yield Row(number, None, f"a job must be a JSON object, got {type(spec).__name__}")
-        else:
-            yield Row(number, spec)
+        if text and not text.startswith("#"):
+            yield Row(number, text=text, default_mode=default_mode)
 
 
 def read_csv(lines: Iterable[str]) -> Iterator[Row]:
@@ -134,8 +172,10 @@ def read_csv(lines: Iterable[str]) -> Iterator[Row]:
 
 def read_rows(lines: Iterable[str], fmt: str, default_mode: str | None = None) -> Iterator[Row]:
     """The rows of a JSONL or CSV stream, one at a time; ``default_mode`` fills rows that name no mode."""
-    reader = read_csv if fmt == "csv" else read_jsonl
-    for row in reader(lines):
+    if fmt != "csv":
+        yield from read_jsonl(lines, default_mode)
+        return
+    for row in read_csv(lines):
         if row.spec is not None and default_mode and "mode" not in row.spec:
             row = Row(row.line, {"mode": default_mode, **row.spec})
         yield row

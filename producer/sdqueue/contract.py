@@ -205,6 +205,11 @@ class InpaintJob(Img2ImgJob):
 AnyJob = Txt2ImgJob | Img2ImgJob | InpaintJob
 JobSpec = Annotated[AnyJob, Field(discriminator="mode")]
 _JOB_ADAPTER: TypeAdapter[AnyJob] = TypeAdapter(JobSpec)
+MODEL_FOR_MODE: dict[str, type[AnyJob]] = {
+    "txt2img": Txt2ImgJob,
+    "img2img": Img2ImgJob,
+    "inpaint": InpaintJob,
+}
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -247,10 +252,33 @@ def parse_job(payload: Any) -> AnyJob:
         raise JobValidationError("invalid job: " + "; ".join(lines)) from None
 
 
+def parse_job_json(text: str | bytes, default_mode: str | None = None) -> AnyJob | None:
+    """The job of a JSON object's text when it is valid as it stands, else None (``parse_job`` of
+    the parsed object then says why, in the contract's words).
+
+    pydantic parses and validates in one pass (no dict in between); ``default_mode`` is the mode
+    of a text that names none, as ``parse_job({"mode": default_mode, **payload})`` would take it."""
+    try:
+        return _JOB_ADAPTER.validate_json(text)
+    except ValidationError as exc:
+        model = MODEL_FOR_MODE.get(default_mode or "")
+        if model is None or exc.errors(include_url=False)[0]["type"] != "union_tag_not_found":
+            return None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError:
+        return None
+
+
 def spec_fingerprint(job: AnyJob) -> str:
     """A stable hash of a spec without its job id: same spec, same fingerprint."""
     body = job.model_dump(mode="json", exclude={"job_id"})
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+    return text_fingerprint(json.dumps(body, sort_keys=True))
+
+
+def text_fingerprint(text: str) -> str:
+    """The fingerprint of a spec's sorted JSON text (``bulk_json.spec_texts`` makes it in one pass)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def derived_seed(job_id: str) -> int:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
-from sdqueue.bulk import BulkJob, Duplicates, Preparer
+from sdqueue.bulk import BulkJob, Duplicates, LineNote, Preparer
 from sdqueue.bulk_ids import Seen, SeenIds, SeenOnDisk, SeenTable, content_job_id
-from sdqueue.bulk_input import Row, count_lines, read_rows
+from sdqueue.bulk_input import Row, count_lines, parse_object, read_rows
 from sdqueue.bulk_report import ReportWriter, read_report
 from sdqueue.bulk_wire import MessageTemplate, lane_lists
 from sdqueue.celeryconfig import make_celery
-from sdqueue.client import SdQueue, publish_job
-from sdqueue.contract import Img2ImgJob, Txt2ImgJob, spec_fingerprint
+from sdqueue.client import SdQueue, job_record, publish_job
+from sdqueue.contract import Img2ImgJob, Txt2ImgJob, parse_job, spec_fingerprint
 from sdqueue.settings import Settings
 
 PER_MESSAGE = {("headers", "origin"), ("headers", "sdq_submitted_at"), ("properties", "delivery_tag")}
@@ -152,3 +153,45 @@ def test_repeated_lines_run_once_or_each_and_a_reused_job_id_is_invalid() -> Non
     assert each[2][1] == "pending" and each[2][2] not in (each[0][2], None)
     assert _ids(lines, duplicates="each")[2][2] == each[2][2], "the copy's id is stable too"
     assert each[4][1] == "duplicate", "a repeated explicit job_id always runs once"
+
+
+def test_one_pass_texts_and_json_validation_equal_the_reference_path() -> None:
+    """The fast path (pydantic's JSON parser, both texts from one pass, the template message) gives
+    the ids, kwargs and errors of the reference path (json.loads, parse_job, two json.dumps)."""
+    specs = [
+        {"mode": "txt2img", "prompt": 'a "fox" ü \\ 雪', "seed": 2**63 - 1, "guidance_scale": 7, "steps": 25},
+        {"prompt": "no mode", "negative_prompt": "x", "width": 512, "height": 768, "job_id": "own-1"},
+        {
+            "mode": "txt2img",
+            "prompt": "all",
+            "scheduler": "euler",
+            "output": {"bucket": "sdqueue", "prefix": "/p/q/"},
+            "loras": [{"name": "b", "scale": 0.5}, {"name": "a"}],
+            "output_format": "webp",
+            "output_quality": 80,
+            "guidance_scale": 1e-7,
+        },
+        {"mode": "img2img", "prompt": "in", "image_url": "s3://sdqueue/in.png", "strength": 0.25},
+    ]
+    settings = Settings(input_buckets=["sdqueue"], allowed_output_buckets=["sdqueue"])
+    queue = SdQueue(settings)
+    for number, raw in enumerate(specs, start=1):
+        fast = Preparer(queue).one(Row(number, text=json.dumps(raw), default_mode="txt2img"))
+        reference = queue.validate(parse_job({"mode": "txt2img", **raw}))
+        assert isinstance(fast, BulkJob) and fast.spec == reference
+        assert fast.fingerprint == spec_fingerprint(reference)
+        assert fast.job_id == (reference.job_id or content_job_id(spec_fingerprint(reference)))
+        kwargs = reference.model_dump(mode="json", exclude_none=True)
+        kwargs["job_id"] = fast.job_id
+        assert fast.kwargs_json() == json.dumps(kwargs)
+        at = re.compile(r'"at": [0-9.e+-]+')
+        assert at.sub("AT", fast.claim()) == at.sub("AT", job_record(reference, fast.fingerprint))
+    bad = ['{"prompt": "a", "steps": 30.0}', '{"prompt": "a", "bogus": 1}', "[1]", "{nope", '{"prompt": ""}']
+    for number, text in enumerate(bad, start=1):
+        note = Preparer(queue).one(Row(number, text=text, default_mode="txt2img"))
+        reference_row = Row(number, *parse_object(text))
+        expected = Preparer(queue).one(
+            Row(number, {"mode": "txt2img", **reference_row.spec}) if reference_row.spec else reference_row
+        )
+        assert isinstance(note, LineNote) and note.state == "invalid" and note.error == expected.error
+        assert note.error and note.error.startswith(f"line {number}: ")
