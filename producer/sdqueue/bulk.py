@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 
 from sdqueue.bulk_ids import SeenIds, content_job_id, fingerprint_tag
 from sdqueue.bulk_input import Row
-from sdqueue.bulk_json import close_kwargs, spec_texts, spec_values, without_none
+from sdqueue.bulk_json import close_kwargs, spec_texts, spec_values
 from sdqueue.bulk_report import ReportWriter
 from sdqueue.bulk_uploads import InputUploader, is_local
 from sdqueue.bulk_wire import LanePusher, Pushed, WireJob
@@ -83,15 +83,13 @@ class BulkJob:
         """The task kwargs as JSON, as ``publish_job`` sends them (the job id included)."""
         if self.kwargs_open is not None:
             return close_kwargs(self.kwargs_open, self.job_id, self.spec.job_id is not None)
-        kwargs = without_none(self.spec.model_dump(mode="json"))
+        kwargs = self.spec.model_dump(mode="json", exclude_none=True)
         kwargs["job_id"] = self.job_id
         return json.dumps(kwargs)
 
     def claim(self) -> str:
         """The value of its submit-side claim (the job's record), as ``SdQueue.submit`` writes it."""
-        if self.spec.output is not None:
-            return job_record(self.spec, self.fingerprint)
-        return f'{{"fingerprint": "{self.fingerprint}", "at": {time.time()!r}}}'  # job_record's text
+        return job_record(self.spec, self.fingerprint)
 
     def wire(self, settings: Settings) -> WireJob:
         ttl = record_ttl_s(self.spec, settings)

@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as json_string  # json.dumps of a str
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,10 +112,10 @@ class JobResult:
 def job_record(spec: Job, fingerprint: str) -> str:
     """What submit stores under the job's claim key: the spec's fingerprint (idempotency), the
     submit time and, when the job names its own, its output location (to find its manifest)."""
-    record: dict[str, Any] = {"fingerprint": fingerprint, "at": time.time()}
-    if spec.output is not None:
-        record["output"] = {"bucket": spec.output.bucket, "prefix": spec.output.prefix}
-    return json.dumps(record)
+    if spec.output is None:  # json.dumps's text, written directly: bulk writes one per job
+        return f'{{"fingerprint": {json_string(fingerprint)}, "at": {time.time()!r}}}'
+    output = {"bucket": spec.output.bucket, "prefix": spec.output.prefix}
+    return json.dumps({"fingerprint": fingerprint, "at": time.time(), "output": output})
 
 
 def record_ttl_s(spec: Job, settings: Settings) -> int:
@@ -123,6 +124,21 @@ def record_ttl_s(spec: Job, settings: Settings) -> int:
     if spec.output is None:
         return settings.result_ttl_s
     return max(settings.result_ttl_s, settings.output_record_ttl_s)
+
+
+def task_message(app: Any, job_id: str, spec: Job, sent_event: bool) -> Any:
+    """Celery's protocol-2 message for one job (``app.amqp.create_task_message``): the spec as
+    kwargs, with its mode (the worker checks it), and the same kwargs as JSON for Flower."""
+    payload = spec.model_dump(mode="json", exclude_none=True)
+    return app.amqp.create_task_message(
+        job_id,
+        TASK_FOR_MODE[spec.mode],
+        (),
+        payload,
+        create_sent_event=sent_event,
+        argsrepr="()",
+        kwargsrepr=json.dumps(payload),
+    )
 
 
 def publish_job(
@@ -134,20 +150,10 @@ def publish_job(
     subscription: a producer holds no pub/sub state per job (no leak, ~10x faster submits), and
     ``JobHandle.wait`` subscribes only when someone waits.
     """
-    name = TASK_FOR_MODE[spec.mode]
-    payload = spec.model_dump(mode="json", exclude_none=True)  # with its mode: the worker checks it
-    message = app.amqp.create_task_message(
-        job_id,
-        name,
-        (),
-        payload,
-        create_sent_event=sent_event and bool(app.conf.task_send_sent_event),
-        argsrepr="()",
-        kwargsrepr=json.dumps(payload),
-    )
+    message = task_message(app, job_id, spec, sent_event and bool(app.conf.task_send_sent_event))
     app.amqp.send_task_message(
         producer,
-        name,
+        TASK_FOR_MODE[spec.mode],
         message,
         queue=queue_name,
         retry=retry,
