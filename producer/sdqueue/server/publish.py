@@ -20,10 +20,10 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from sdqueue.client import Job, job_record, record_ttl_s
+from sdqueue.client import Job, job_record, record_ttl_s, task_message
 from sdqueue.contract import spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, JobIdConflict
-from sdqueue.names import TASK_FOR_MODE, cancel_key, job_claim_key, lane_queue
+from sdqueue.names import cancel_key, job_claim_key, lane_queue
 from sdqueue.server.quotas import Refusal, active_key, rate_key
 from sdqueue.settings import Settings
 
@@ -80,16 +80,7 @@ return {1, 0}
 
 def envelope(app: Any, job_id: str, spec: Job, queue_name: str) -> str:
     """The Redis list entry kombu would write for this job (see the module docstring)."""
-    payload = spec.model_dump(mode="json", exclude_none=True)
-    headers, properties, body, _ = app.amqp.create_task_message(
-        job_id,
-        TASK_FOR_MODE[spec.mode],
-        (),
-        payload,
-        create_sent_event=False,
-        argsrepr="()",
-        kwargsrepr=json.dumps(payload),
-    )
+    headers, properties, body, _ = task_message(app, job_id, spec, sent_event=False)
     headers["sdq_submitted_at"] = time.time()
     message = {
         "body": base64.b64encode(json.dumps(body).encode()).decode(),
