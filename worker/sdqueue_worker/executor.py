@@ -75,6 +75,10 @@ class JobInterrupted(Exception):
     message goes back to the queue (sdqueue_worker.tasks) and another worker runs it."""
 
 
+NOT_RUN = "the worker shut down before this job ran"
+"""The reason of a job that ``interrupt()`` refused before it ran."""
+
+
 class _Stop(Exception):
     """Raised from the step callback to abort a pipeline call."""
 
@@ -168,7 +172,7 @@ class GpuExecutor:
         with self._cond:
             left, self._pending = self._pending, []
             self._cond.notify_all()
-        _fail([request for _, _, request in left], JobInterrupted("the worker shut down before this job ran"))
+        _fail([request for _, _, request in left], JobInterrupted(NOT_RUN))
 
     @property
     def interrupted(self) -> bool:
@@ -191,7 +195,7 @@ class GpuExecutor:
         """Queue a job's share of work; its ``future`` ends with the pixels or the job's error."""
         with self._cond:
             if self._interrupted.is_set():
-                request.future.set_exception(JobInterrupted("the worker shut down before this job ran"))
+                request.future.set_exception(JobInterrupted(NOT_RUN))
                 return request
             if self.state is ExecutorState.DEFUNCT:
                 request.future.set_exception(GenerationError("the GPU executor is not running"))
