@@ -50,10 +50,16 @@ def optimise(pipe: Any, compiled: bool) -> None:
     pipe.vae.to(memory_format=torch.channels_last)
     pipe.fuse_qkv_projections()
     if compiled:
-        import torch._inductor.config as inductor
+        compile_unet(pipe)
 
-        inductor.conv_1x1_as_mm = True
-        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+def compile_unet(pipe: Any, mode: str | None = "reduce-overhead") -> None:
+    """The UNet compiled whole (``mode=None``: inductor without CUDA graphs), 1x1 convolutions as
+    matrix products."""
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:
