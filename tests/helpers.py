@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from devstack.services import NotifierProcess, RedisServer, WorkerProcess, stack_env
+from devstack.services import (
+    NotifierProcess,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    port_open,
+    stack_env,
+    wait_for,
+)
 from sdqueue.client import SdQueue
 from sdqueue.settings import Settings
 
@@ -159,3 +167,22 @@ def assert_progress_stopped(queue: SdQueue, job_id: str, total: int, settle_s: f
     last = (queue.handle(job_id).progress() or {}).get("step", 0)
     assert first == last < total, f"progress of {job_id} went on: {first} -> {last} of {total}"
     return int(last)
+
+
+def start_flower(
+    env: dict[str, str], logdir: Path, *options: str, log_name: str = "flower.log"
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A real Flower (``celery -A sdqueue.app flower``) on a free loopback port, once its port
+    answers; ``options`` are Flower's own (auth, columns)."""
+    port = free_port()
+    log = open(logdir / log_name, "ab")
+    command = [sys.executable, "-m", "celery", "-A", "sdqueue.app", "flower"]
+    process = subprocess.Popen(
+        [*command, f"--port={port}", "--address=127.0.0.1", *options],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(lambda: port_open(port), 60, "flower")
+    return process, port

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -23,11 +22,11 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
-from devstack.services import ROOT, WorkerProcess, free_port, wait_for
+from devstack.services import ROOT, WorkerProcess, wait_for
 from sdqueue import JobCancelled, SdQueue, Txt2ImgJob
 from sdqueue.client import JobHandle
 from sdqueue.names import TXT2IMG_TASK
-from tests.helpers import revoked_reason, wait_cancelled_by_worker
+from tests.helpers import revoked_reason, start_flower, wait_cancelled_by_worker
 
 ARTIFACTS = ROOT / "test-artifacts"
 LONG = {"width": 256, "height": 256, "steps": 150}  # about a minute on a CPU core: rendered mid-job
@@ -74,24 +73,11 @@ def get_json(url: str) -> Any:
 
 @pytest.fixture(scope="module")
 def flower(env: dict[str, str], worker: WorkerProcess, logdir: Path) -> Iterator[str]:
-    port = free_port()
-    log = open(logdir / "flower-ui.log", "ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "sdqueue.app",
-            "flower",
-            f"--port={port}",
-            "--address=127.0.0.1",
-            f"--tasks_columns={TASKS_COLUMNS}",
-        ],
-        cwd=ROOT,
-        env={**env, "FLOWER_UNAUTHENTICATED_API": "true"},  # loopback only; the pages need no auth then
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    proc, port = start_flower(
+        {**env, "FLOWER_UNAUTHENTICATED_API": "true"},  # loopback only; the pages need no auth then
+        logdir,
+        f"--tasks_columns={TASKS_COLUMNS}",
+        log_name="flower-ui.log",
     )
     url = f"http://127.0.0.1:{port}"
     try:

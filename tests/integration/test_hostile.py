@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -23,10 +21,10 @@ import pytest
 from celery.result import AsyncResult
 from PIL import Image
 
-from devstack.services import RedisServer, WorkerProcess, free_port, port_open, stack_env, wait_for
+from devstack.services import RedisServer, WorkerProcess, stack_env, wait_for
 from sdqueue import Img2ImgJob, JobValidationError, SdQueue, Txt2ImgJob
 from sdqueue.names import IMG2IMG_TASK, TXT2IMG_TASK, deliveries_key
-from tests.helpers import ROOT, wait_cancelled_by_worker
+from tests.helpers import start_flower, wait_cancelled_by_worker
 
 SMALL = {"prompt": "a harbour", "width": 64, "height": 64, "steps": 2}
 INTERACTIVE = "sdqueue.interactive"
@@ -338,30 +336,6 @@ def stopped_early(queue: SdQueue, handle: Any) -> int:
     return step
 
 
-def start_flower(env: dict[str, str], logdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    log = open(logdir / "flower.log", "ab")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "sdqueue.app",
-            "flower",
-            f"--port={port}",
-            "--basic-auth=ops:secret",
-            "--address=127.0.0.1",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    wait_for(lambda: port_open(port), 60, "flower")
-    return process, port
-
-
 @pytest.mark.usefixtures("worker")
 def test_celery_revoke_and_flowers_terminate_cancel_jobs(
     queue: SdQueue, env: dict[str, str], logdir: Path
@@ -375,7 +349,7 @@ def test_celery_revoke_and_flowers_terminate_cancel_jobs(
     assert queued.state() == "cancelled" and not queue.redis.exists(deliveries_key(queued.job_id, 0))
     reason = meta(queue, running.job_id)["result"]["exc_message"][0]
     assert reason.startswith("cancelled while running"), reason
-    flower, port = start_flower(env, logdir)
+    flower, port = start_flower(env, logdir, "--basic-auth=ops:secret")
     try:
         terminated = long_job(queue)
         request = urllib.request.Request(
