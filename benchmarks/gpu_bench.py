@@ -42,7 +42,7 @@ from sdqueue_worker.settings import WorkerSettings
 SD15_TFLOP_PER_IMAGE_50 = 82.9  # design brief: 50-step guided 512x512 image incl. VAE decode
 SDXL_TFLOP_PER_IMAGE_30 = 416.0  # research/performance-turn2.md: 30 steps at 1024x1024
 HEARTBEAT_WAIT_S = 2 * WorkerSettings().lease_refresh_s  # the worker's busy_s is this fresh
-PARTS = ("sd15", "sdxl", "fp8", "sdxl-fp8", "steady", "fp8-eager")
+PARTS = ("sd15", "sdxl", "fp8", "sdxl-fp8", "steady", "fp8-eager", "sd15-worker")
 
 
 def log(message: str) -> None:
@@ -416,6 +416,19 @@ def part_sd15(bench: Bench) -> None:
     diy_compiled(bench, [bench.half] if bench.smoke else [torch.bfloat16, torch.float16])
 
 
+def part_sd15_worker(bench: Bench) -> None:
+    """The sd15 part without the seed recipe, eager and fp16 rows: the worker (cold start, single
+    jobs, saturated, warm restart), the bare pipeline and the bf16 do-it-yourself loop."""
+    share_cache(bench, "cache-sd15")
+    services = Services(bench)
+    try:
+        worker_phases(bench, services)
+    finally:
+        services.stop()
+    bare_pipeline(bench)
+    diy_compiled(bench, [bench.half])
+
+
 def part_sdxl(bench: Bench) -> None:
     share_cache(bench, "cache-sdxl")
     plain_eager(bench)
@@ -489,6 +502,7 @@ def part_fp8_eager(bench: Bench) -> None:
 
 RUNNERS = {
     "sd15": (SD15, part_sd15),
+    "sd15-worker": (SD15, part_sd15_worker),
     "sdxl": (SDXL, part_sdxl),
     "fp8": (SD15, part_fp8),
     "sdxl-fp8": (SDXL, part_fp8),

@@ -1,5 +1,6 @@
 """GPU speed-ups: channels_last, fused QKV, the fastest attention backend, opt-in FP8, torch.compile
-with CUDA graphs for the UNet (and without them for the VAE decoder), batch buckets.
+with CUDA graphs for the UNet (and without them for the VAE decoder), batch buckets, and AOT
+packages of both per bucket for warm starts (sdqueue_worker.aot).
 
 All optional and off on CPU. CUDA graphs need static shapes, so with compile on a batch is padded
 up to the next bucket size (``compile_batch_sizes``), and every bucket is compiled at start-up,
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from sdqueue_worker import attention
+from sdqueue_worker.aot import AotForward
 from sdqueue_worker.fp8 import check_fp8_supported, quantize_unet_fp8
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
@@ -62,33 +66,48 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         inductor.conv_1x1_as_mm = True
         if runtime.loras is not None:
             runtime.loras.prepare_hotswap(settings.lora_max_rank)
-        compile_unet(pipe.unet)
+        aot = aot_directory(settings) if settings.aot and runtime.loras is None else None
+        runtime.aot = [compile_unet(pipe.unet, aot)]
         if settings.compile_vae:
-            compile_vae_decoder(pipe.vae)
+            runtime.aot.append(compile_vae_decoder(pipe.vae, aot))
 
 
-def compile_vae_decoder(vae: torch.nn.Module) -> None:
+def aot_directory(settings: WorkerSettings) -> Path:
+    """Where AOT packages live: beside the inductor cache (a temporary folder without one)."""
+    base = settings.compile_cache_dir or os.path.join(tempfile.gettempdir(), "sdqueue-compile")
+    return Path(base) / "aot"
+
+
+def compile_vae_decoder(vae: torch.nn.Module, aot: Path | None = None) -> AotForward | None:
     """Compile the VAE decoder without CUDA graphs: it runs once per batch, and inductor fuses its
-    GroupNorm + SiLU pairs, which dominate its memory traffic at 512-1024 px."""
+    GroupNorm + SiLU pairs, which dominate its memory traffic at 512-1024 px. With ``aot``, the
+    signatures warm-up sees run from AOT packages kept there."""
     decoder: torch.nn.Module = vae.decoder  # type: ignore[assignment]
-    decoder.forward = torch.compile(decoder.forward)
+    compiled = torch.compile(decoder.forward)
+    router = AotForward(decoder, compiled, aot, "vae-decoder") if aot else None
+    decoder.forward = router or compiled
+    return router
 
 
-def compile_unet(unet: torch.nn.Module) -> None:
+def compile_unet(unet: torch.nn.Module, aot: Path | None = None) -> AotForward | None:
     """Compile the UNet's forward with CUDA graphs, in place (both pipelines hold this object).
+    With ``aot``, the signatures warm-up sees run from AOT packages kept there instead.
 
     Schedulers hand the UNet timesteps of different dtypes (PNDM int64, Euler float32); a new
     dtype would recompile for minutes mid-job, so the timestep is cast before the compiled call.
     """
     compiled = torch.compile(unet.forward, mode="reduce-overhead", fullgraph=True)
+    router = AotForward(unet, compiled, aot, "unet") if aot else None
+    target = router or compiled
 
     def forward(
         sample: torch.Tensor, timestep: torch.Tensor | float | int, *args: object, **kwargs: object
     ) -> object:
         timestep = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
-        return compiled(sample, timestep, *args, **kwargs)
+        return target(sample, timestep, *args, **kwargs)
 
     unet.forward = forward
+    return router
 
 
 def bucket_for(images: int, buckets: list[int]) -> int:
@@ -126,6 +145,9 @@ def warm_up(runtime: Runtime, settings: WorkerSettings) -> float:
         runtime.attention = "default"
         torch._dynamo.reset()
         _run_buckets(runtime, settings, started)
+    for router in runtime.aot:
+        if router is not None:
+            router.freeze()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

@@ -55,6 +55,8 @@ class Runtime:
     attention: str = "default"
     """The SDPA backend put first (accel.optimise)."""
     fp8_layers: int = 0
+    aot: list[Any] = field(default_factory=list)
+    """The AOT package routers of the UNet and VAE decoder (sdqueue_worker.aot; None where off)."""
     """UNet linear layers running in float8 (0: FP8 off)."""
     versions: dict[str, str] = field(default_factory=dict)
     loras: LoraCache | None = None
