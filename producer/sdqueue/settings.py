@@ -29,7 +29,7 @@ WORKER_ONLY_NAMES = frozenset(
         "heartbeat_file", "ready_file", "metrics_port", "metrics_addr", "webhook_secret",
         "webhook_max_attempts", "webhook_backoff_s", "webhook_backoff_max_s", "webhook_timeout_s",
         "notify_concurrency", "log_format", "accept_volatile_broker", "result_tracebacks", "attention",
-        "compile_vae", "fp8", "model_variant", "single_file_config", "safety_checker", "model_alias",
+        "compile_vae", "aot", "fp8", "model_variant", "single_file_config", "safety_checker", "model_alias",
         "lora_dir", "lora_cache_mb", "lora_max_rank",
     }
 )  # fmt: skip
