@@ -54,7 +54,7 @@ class WorkerSettings(Settings):
     compile_cache_dir: str | None = None
     compile_vae: bool = True
     """With ``compile`` on, also compile the VAE decoder (fused GroupNorm/SiLU; no CUDA graphs)."""
-    aot: bool = True
+    aot: bool = False
     """With ``compile`` on: keep an AOTInductor package of the UNet and VAE decoder per batch bucket
     in the compile cache, so a warm start loads them instead of tracing again (not with LoRAs)."""
     attention: Literal["auto", "default", "flash", "cudnn", "efficient"] = "auto"
