@@ -4,9 +4,11 @@ No compile here; tests/integration/test_aot.py builds and loads real packages.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from sdqueue_worker.aot import Signature, package_key, structure
+from sdqueue.errors import StartupError
+from sdqueue_worker.aot import Signature, check_aot_supported, package_key, structure
 
 
 def key(module: torch.nn.Module, *args: object, **kwargs: object) -> str:
@@ -60,3 +62,10 @@ def test_the_key_follows_the_module_structure_and_its_weights() -> None:
     assert key(torch.nn.Linear(4, 4, bias=False), x) != key(first, x)
     assert key(torch.nn.Sequential(twin), x) != key(first, x)
     assert key(twin.to(torch.bfloat16), x) != key(first, x)
+
+
+def test_aot_is_refused_on_the_torch_release_where_packages_crashed() -> None:
+    with pytest.raises(StartupError, match="SDQ_AOT=1 needs torch >= 2.13"):
+        check_aot_supported("2.11.0+cu130")
+    check_aot_supported("2.13.0+cpu")
+    check_aot_supported("2.14.1")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sdqueue_worker import attention
-from sdqueue_worker.aot import AotForward
+from sdqueue_worker.aot import AotForward, check_aot_supported
 from sdqueue_worker.fp8 import check_fp8_supported, quantize_unet_fp8
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
@@ -67,6 +67,8 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         if runtime.loras is not None:
             runtime.loras.prepare_hotswap(settings.lora_max_rank)
         aot = aot_directory(settings) if settings.aot and runtime.loras is None else None
+        if aot is not None:
+            check_aot_supported()
         runtime.aot = [compile_unet(pipe.unet, aot)]
         if settings.compile_vae:
             runtime.aot.append(compile_vae_decoder(pipe.vae, aot))

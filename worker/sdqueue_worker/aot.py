@@ -31,11 +31,27 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from sdqueue.errors import StartupError
+
 log = logging.getLogger(__name__)
 FORMAT = 1
 """Bump when what a package holds or how it is called changes."""
 Forward = Callable[..., Any]
 _CONSTANT_TYPES = (bool, int, float, str, type(None))
+MIN_TORCH = (2, 13)
+"""On torch 2.11 (H200, CUDA 13) building a one-layer package took 71 s and loading it crashed the
+process (benchmarks/results/raw/nvidia-h200-2026-12-01-aoti-probe-run7.log); 2.13 is the oldest
+release whose packages were built, loaded and checked here (on the CPU)."""
+
+
+def check_aot_supported(version: str = torch.__version__) -> None:
+    """Refuse SDQ_AOT where AOTInductor packages are known to crash the worker."""
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    if release < MIN_TORCH:
+        raise StartupError(
+            f"SDQ_AOT=1 needs torch >= {'.'.join(map(str, MIN_TORCH))} (this is {version}: loading an "
+            "AOTInductor package crashed the process on torch 2.11); unset SDQ_AOT"
+        )
 
 
 class Signature:
