@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu_bench --only sd15 --out DIR     # on the GPU machine, one part per call
     python -m benchmarks.gpu_bench --only sdxl --out DIR
-    python -m benchmarks.gpu_bench --only fp8 --out DIR      # also: sdxl-fp8, steady, fp8-eager
+    python -m benchmarks.gpu_bench --only fp8 --out DIR      # also: sdxl-fp8, steady, fp8-eager, sd15-worker
+    python -m benchmarks.gpu_bench --only sd15-worker --aot  # the worker with AOT packages (SDQ_AOT=1)
     python -m benchmarks.gpu_bench --smoke                   # CPU dry run of every part, tiny models
     python -m benchmarks.report benchmarks/results/raw/*.json  # merge parts: JSON + table + plot
 
@@ -81,6 +82,7 @@ class Bench:
         self.jobs = 4 if self.smoke else args.jobs or family.jobs
         self.reps = 2 if self.smoke else 3
         self.warm_restart = not args.no_warm_restart
+        self.aot = args.aot
         self.model = ""
         self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
 
@@ -272,6 +274,7 @@ class Services:
                 compile_batch_sizes=buckets or f"1,{bench.batch}",
                 compile_cache_dir=str(bench.work / cache),
                 fp8="true" if fp8 else "false",
+                aot="true" if bench.aot else "false",
             )
         env = stack_env(self.redis.url, self.moto.url, bench.model, **overrides)
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
@@ -377,6 +380,7 @@ def bare_pipeline(bench: Bench) -> None:
         compile=not bench.smoke,
         compile_batch_sizes=[1],
         compile_cache_dir=str(bench.work / f"cache-{bench.family.name}"),
+        aot=bench.aot and not bench.smoke,
     )
     runtime = load_runtime(settings)
     optimise(runtime, settings)
@@ -542,6 +546,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=0, help="saturated jobs (default: 64 SD 1.5, 32 SDXL)")
     parser.add_argument("--no-warm-restart", action="store_true", help="skip the warm-cache restart")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with tiny models")
+    parser.add_argument("--aot", action="store_true", help="workers and the bare pipeline with SDQ_AOT=1")
     args = parser.parse_args()
     for part in args.only or PARTS:
         results = run_part(args, part)

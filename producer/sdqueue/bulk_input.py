@@ -102,7 +102,31 @@ def _column_types() -> dict[str, type]:
 COLUMN_TYPES = _column_types()
 
 
+def parse_loras(value: str) -> list[dict[str, Any]]:
+    """A CSV ``loras`` cell: ``name`` or ``name:scale`` items separated by ``;``
+    (``detail:0.8;style`` -> detail at 0.8, style at its default 1.0)."""
+    loras: list[dict[str, Any]] = []
+    for item in value.split(";"):
+        name, _, scale = item.strip().partition(":")
+        if not name.strip():
+            raise ValueError(
+                f"column 'loras': {value!r} has an empty adapter name; write name or name:scale, separated by ;"
+            )
+        lora: dict[str, Any] = {"name": name.strip()}
+        if scale.strip():
+            try:
+                lora["scale"] = float(scale)
+            except ValueError:
+                raise ValueError(
+                    f"column 'loras': scale {scale.strip()!r} of {name.strip()!r} is not a number"
+                ) from None
+        loras.append(lora)
+    return loras
+
+
 def _convert(column: str, value: str) -> Any:
+    if column == "loras":
+        return parse_loras(value)
     kind = COLUMN_TYPES[column]
     if kind is int:
         try:

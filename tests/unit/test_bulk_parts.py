@@ -195,3 +195,13 @@ def test_one_pass_texts_and_json_validation_equal_the_reference_path() -> None:
         )
         assert isinstance(note, LineNote) and note.state == "invalid" and note.error == expected.error
         assert note.error and note.error.startswith(f"line {number}: ")
+
+
+def test_a_csv_loras_cell_names_adapters_with_optional_scales() -> None:
+    lines = ["prompt,loras\n", "a boat,detail:0.8; style\n", "a cat,\n", "a dog,detail:x\n", "a cow,;style\n"]
+    rows = list(read_rows(iter(lines), "csv", "txt2img"))
+    first = parse_job(rows[0].spec or {})
+    assert [(lora.name, lora.scale) for lora in first.loras] == [("detail", 0.8), ("style", 1.0)]
+    assert rows[1].spec == {"mode": "txt2img", "prompt": "a cat"}
+    assert rows[2].spec is None and "scale 'x' of 'detail' is not a number" in (rows[2].error or "")
+    assert rows[3].spec is None and "empty adapter name" in (rows[3].error or "")
