@@ -69,3 +69,8 @@ def test_aot_is_refused_on_the_torch_release_where_packages_crashed() -> None:
         check_aot_supported("2.11.0+cu130")
     check_aot_supported("2.13.0+cpu")
     check_aot_supported("2.14.1")
+
+
+def test_aot_is_refused_with_lora_adapters() -> None:
+    with pytest.raises(StartupError, match="cannot be combined with SDQ_LORA_DIR"):
+        check_aot_supported("2.13.0", loras=True)

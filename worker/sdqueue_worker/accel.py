@@ -66,9 +66,9 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         inductor.conv_1x1_as_mm = True
         if runtime.loras is not None:
             runtime.loras.prepare_hotswap(settings.lora_max_rank)
-        aot = aot_directory(settings) if settings.aot and runtime.loras is None else None
-        if aot is not None:
-            check_aot_supported()
+        if settings.aot:
+            check_aot_supported(loras=runtime.loras is not None)
+        aot = aot_directory(settings) if settings.aot else None
         runtime.aot = [compile_unet(pipe.unet, aot)]
         if settings.compile_vae:
             runtime.aot.append(compile_vae_decoder(pipe.vae, aot))

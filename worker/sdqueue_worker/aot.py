@@ -44,8 +44,13 @@ process (benchmarks/results/raw/nvidia-h200-2026-12-01-aoti-probe-run7.log); 2.1
 release whose packages were built, loaded and checked here (on the CPU)."""
 
 
-def check_aot_supported(version: str = torch.__version__) -> None:
-    """Refuse SDQ_AOT where AOTInductor packages are known to crash the worker."""
+def check_aot_supported(version: str = torch.__version__, loras: bool = False) -> None:
+    """Refuse SDQ_AOT where AOTInductor packages are known to crash the worker, and with LoRAs."""
+    if loras:
+        raise StartupError(
+            "SDQ_AOT=1 cannot be combined with SDQ_LORA_DIR: adapters are swapped into the UNet per "
+            "job, which a package compiled ahead of time cannot follow; unset one of them"
+        )
     release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     if release < MIN_TORCH:
         raise StartupError(

@@ -56,8 +56,8 @@ class WorkerSettings(Settings):
     """With ``compile`` on, also compile the VAE decoder (fused GroupNorm/SiLU; no CUDA graphs)."""
     aot: bool = False
     """Experimental, with ``compile`` on: keep an AOTInductor package of the UNet and VAE decoder
-    per batch bucket in the compile cache, so a warm start loads them instead of tracing again (not
-    with LoRAs; needs torch >= 2.13; not yet run on a GPU, see docs/performance.md)."""
+    per batch bucket in the compile cache, so a warm start loads them instead of tracing again (refused
+    with LoRAs and on torch < 2.13; not yet run on a GPU, see docs/performance.md)."""
     attention: Literal["auto", "default", "flash", "cudnn", "efficient"] = "auto"
     """SDPA backend put first on the GPU; auto times each on the UNet's own shapes at start-up."""
     fp8: bool = False
