@@ -347,6 +347,9 @@ def test_celery_revoke_and_flowers_terminate_cancel_jobs(
     step = stopped_early(queue, running)
     assert wait_final(queue, queued.job_id).state in ("REVOKED", "FAILURE")
     assert queued.state() == "cancelled" and not queue.redis.exists(deliveries_key(queued.job_id, 0))
+    queued_meta = meta(queue, queued.job_id)  # Celery skips the revoked message; the reason is ours
+    assert queued_meta["status"] == "REVOKED", queued_meta
+    assert queued_meta["result"]["exc_message"][0] == "cancelled before it started", queued_meta
     reason = meta(queue, running.job_id)["result"]["exc_message"][0]
     assert reason.startswith("cancelled while running"), reason
     flower, port = start_flower(env, logdir, "--basic-auth=ops:secret")

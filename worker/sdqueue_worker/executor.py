@@ -35,6 +35,7 @@ import torch
 from sdqueue.errors import GenerationError, JobCancelled, StartupError
 from sdqueue_worker.accel import bucket_for
 from sdqueue_worker.generation import GenerationRequest
+from sdqueue_worker.outcomes import QUEUED_CANCEL_REASON
 
 log = logging.getLogger(__name__)
 HARD_LIMIT_GRACE_S = 60.0
@@ -328,9 +329,7 @@ class GpuExecutor:
 
 def _still_wanted(request: GenerationRequest) -> bool:
     if request.cancelled():
-        request.future.set_exception(
-            JobCancelled(job_id=request.job_id, message="cancelled before it started")
-        )
+        request.future.set_exception(JobCancelled(job_id=request.job_id, message=QUEUED_CANCEL_REASON))
         return False
     return True
 

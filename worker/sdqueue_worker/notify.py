@@ -33,7 +33,7 @@ from sdqueue.webhooks import webhook_id
 from sdqueue_worker.app import app
 from sdqueue_worker.guards import DAY
 from sdqueue_worker.metrics import NOTIFICATIONS
-from sdqueue_worker.outcomes import JOB_TASKS
+from sdqueue_worker.outcomes import JOB_TASKS, QUEUED_CANCEL_REASON
 from sdqueue_worker.settings import get_worker_settings
 from sdqueue_worker.state import get_state
 from sdqueue_worker.work import Callbacks, WorkItem, parse_message
@@ -117,5 +117,5 @@ def _on_job_revoked(sender: Any = None, request: Any = None, terminated: bool = 
         )
     except JobValidationError:
         return  # a refused message announces nothing: its callbacks were never checked
-    reason = "cancelled while running" if terminated else "cancelled before it started"
+    reason = "cancelled while running" if terminated else QUEUED_CANCEL_REASON
     announce(item, JobState.CANCELLED, JobCancelled(reason, item.job_id))

@@ -9,6 +9,8 @@ from sdqueue.states import JobState, state_of
 
 JOB_TASKS = {task: mode for mode, task in TASK_FOR_MODE.items()}
 """Task name -> mode, for the tasks that run jobs (not sdqueue.notify)."""
+QUEUED_CANCEL_REASON = "cancelled before it started"
+"""The reason of a job cancelled before its pipeline call began (result, webhook, Flower)."""
 
 ENDS = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.RETRYING})
 

@@ -17,6 +17,7 @@ from sdqueue_worker.executor import JobInterrupted
 from sdqueue_worker.guards import count_delivery, run_lease, uncount_delivery
 from sdqueue_worker.jobs import JobContext, result_from_manifest
 from sdqueue_worker.notify import announce
+from sdqueue_worker.outcomes import QUEUED_CANCEL_REASON
 from sdqueue_worker.progress import StepSignals
 from sdqueue_worker.revoking import end_revoked
 from sdqueue_worker.state import WorkerState, get_state
@@ -79,7 +80,7 @@ def _run(task: Task, item: WorkItem, state: WorkerState) -> dict[str, Any]:
     job_id = item.job_id
     attempt = int(task.request.retries or 0)
     if state.redis.exists(cancel_key(job_id)) or revoked(job_id):
-        raise JobCancelled("cancelled before it started", job_id)
+        raise JobCancelled(QUEUED_CANCEL_REASON, job_id)
     count_delivery(state.redis, job_id, attempt, settings.max_deliveries)
     lease_ms = int(settings.visibility_timeout_s * 500)
     with run_lease(state.redis, job_id, lease_ms, state.hostname) as token:
