@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from sdqueue.errors import StartupError
-from sdqueue_worker.aot import Signature, check_aot_supported, package_key, structure
+from sdqueue_worker.aot import Signature, check_aot_supported, package_key, structure_digest
 
 
 def key(module: torch.nn.Module, *args: object, **kwargs: object) -> str:
-    return package_key(structure(module), Signature(args, kwargs))
+    return package_key(structure_digest(module), Signature(args, kwargs))
 
 
 def test_a_signature_splits_tensors_from_constants_and_rebuilds_the_call() -> None:

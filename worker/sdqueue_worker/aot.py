@@ -18,6 +18,7 @@ signature falls back too: AOT only ever adds speed, it never stops the worker.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -118,24 +119,36 @@ def fingerprint(tensors: list[torch.Tensor]) -> list[list[float]]:
         return torch.stack(stats).double().cpu().tolist() if stats else []
 
 
+@functools.cache
+def _machine() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"format": FORMAT, "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu}
+
+
 def environment() -> dict[str, Any]:
-    """The GPU, torch and compiler options a package was built for."""
+    """The GPU, torch and compiler options a package is built for (the options can change at
+    run time: the attention fallback resets the SDPA order)."""
     import torch._inductor.config as inductor
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
-        "format": FORMAT,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": gpu,
+        **_machine(),
         "sdpa_order": [int(b) for b in torch._C._get_sdp_priority_order()],
         "conv_1x1_as_mm": bool(inductor.conv_1x1_as_mm),
     }
 
 
-def package_key(module_structure: list[Any], signature: Signature) -> str:
-    text = json.dumps([environment(), module_structure, signature.describe()], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def structure_digest(module: torch.nn.Module) -> str:
+    """The module's structure and weight fingerprint, hashed once (the UNet's is large)."""
+    return _digest(structure(module))
+
+
+def package_key(module_digest: str, signature: Signature) -> str:
+    """The package file's key: environment, module and call signature (small; runs every call)."""
+    return _digest([environment(), module_digest, signature.describe()])
 
 
 def _state(module: torch.nn.Module, prefix: str = "module.") -> dict[str, torch.Tensor]:
@@ -155,7 +168,7 @@ class AotForward:
         self.runners: dict[str, Forward | None] = {}
         self.loaded = 0
         self.built = 0
-        self._structure = structure(module)
+        self.module_digest = structure_digest(module)
 
     def freeze(self) -> None:
         """After warm-up: signatures without a package run the fallback (no builds mid-job)."""
@@ -165,7 +178,7 @@ class AotForward:
         signature = Signature(args, kwargs)
         if not signature.supported:
             return self.fallback(*args, **kwargs)
-        key = package_key(self._structure, signature)
+        key = package_key(self.module_digest, signature)
         if key not in self.runners and self.building:
             self.runners[key] = self._prepare(key, signature)
         runner = self.runners.get(key)
