@@ -334,9 +334,21 @@ def settle(job: BulkJob, meta: dict[str, Any] | None, cancelled: bool) -> bool:
         images = (result or {}).get("images", [])
         job.images = [image["url"] for image in images]
         job.seeds = [image.get("seed") for image in images]
+    elif status == "FAILURE":
+        job.error = _error_text(result)
     else:
-        job.error = _error_text(result) if status == "FAILURE" else "cancelled"
+        job.error = _cancel_reason(result)
     return True
+
+
+def _cancel_reason(result: Any) -> str:
+    """The worker's reason of a REVOKED result ("cancelled while running"), else "cancelled"."""
+    message = result.get("exc_message") if isinstance(result, dict) else None
+    parts = message if isinstance(message, (list, tuple)) else [message] if message else []
+    reason = "; ".join(str(part) for part in parts)
+    if not reason:
+        return "cancelled"
+    return reason if reason.startswith("cancelled") else f"cancelled ({reason})"
 
 
 def by_model(jobs: list[BulkJob]) -> list[tuple[str | None, list[BulkJob]]]:

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from sdqueue.bulk import BulkJob, Duplicates, LineNote, Preparer
+from sdqueue.bulk import BulkJob, Duplicates, LineNote, Preparer, settle
 from sdqueue.bulk_ids import Seen, SeenIds, SeenOnDisk, SeenTable, content_job_id
 from sdqueue.bulk_input import Row, count_lines, parse_object, read_rows
 from sdqueue.bulk_report import ReportWriter, read_report
@@ -205,3 +205,18 @@ def test_a_csv_loras_cell_names_adapters_with_optional_scales() -> None:
     assert rows[1].spec == {"mode": "txt2img", "prompt": "a cat"}
     assert rows[2].spec is None and "scale 'x' of 'detail' is not a number" in (rows[2].error or "")
     assert rows[3].spec is None and "empty adapter name" in (rows[3].error or "")
+
+
+def test_a_cancelled_jobs_report_error_is_the_workers_reason() -> None:
+    def error_of(meta: dict[str, object] | None, cancelled: bool = False) -> str | None:
+        job = BulkJob(line=1, job_id="j", spec=parse_job({"mode": "txt2img", "prompt": "p"}), fingerprint="f")
+        assert settle(job, meta, cancelled)
+        return job.error
+
+    revoked = {"exc_type": "TaskRevokedError", "exc_message": ["cancelled before it started"]}
+    assert error_of({"status": "REVOKED", "result": revoked}) == "cancelled before it started"
+    terminated = {"exc_type": "TaskRevokedError", "exc_message": ["terminated"]}
+    assert error_of({"status": "REVOKED", "result": terminated}) == "cancelled (terminated)"
+    assert error_of({"status": "STARTED", "result": None}, cancelled=True) == "cancelled"
+    failed = {"exc_type": "JobFailed", "exc_message": ["pipeline error: x"]}
+    assert error_of({"status": "FAILURE", "result": failed}) == "JobFailed: pipeline error: x"
