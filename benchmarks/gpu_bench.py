@@ -411,26 +411,25 @@ def part_sd15(bench: Bench) -> None:
     share_cache(bench, "cache-sd15")
     seed_recipe(bench)
     plain_eager(bench)
-    services = Services(bench)
-    try:
-        worker_phases(bench, services)
-    finally:
-        services.stop()
-    bare_pipeline(bench)
-    diy_compiled(bench, [bench.half] if bench.smoke else [torch.bfloat16, torch.float16])
+    sd15_worker_and_loops(bench, [bench.half] if bench.smoke else [torch.bfloat16, torch.float16])
 
 
 def part_sd15_worker(bench: Bench) -> None:
-    """The sd15 part without the seed recipe, eager and fp16 rows: the worker (cold start, single
-    jobs, saturated, warm restart), the bare pipeline and the bf16 do-it-yourself loop."""
+    """The sd15 part without the seed recipe, eager and fp16 rows."""
     share_cache(bench, "cache-sd15")
+    sd15_worker_and_loops(bench, [bench.half])
+
+
+def sd15_worker_and_loops(bench: Bench, dtypes: list[torch.dtype]) -> None:
+    """The worker (cold start, single jobs, saturated, warm restart), the bare pipeline and the
+    do-it-yourself loop in ``dtypes``."""
     services = Services(bench)
     try:
         worker_phases(bench, services)
     finally:
         services.stop()
     bare_pipeline(bench)
-    diy_compiled(bench, [bench.half])
+    diy_compiled(bench, dtypes)
 
 
 def part_sdxl(bench: Bench) -> None:
