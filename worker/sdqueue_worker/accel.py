@@ -69,9 +69,10 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         if settings.aot:
             check_aot_supported(loras=runtime.loras is not None)
         aot = aot_directory(settings) if settings.aot else None
-        runtime.aot = [compile_unet(pipe.unet, aot)]
+        routers = [compile_unet(pipe.unet, aot)]
         if settings.compile_vae:
-            runtime.aot.append(compile_vae_decoder(pipe.vae, aot))
+            routers.append(compile_vae_decoder(pipe.vae, aot))
+        runtime.aot = [router for router in routers if router is not None]
 
 
 def aot_directory(settings: WorkerSettings) -> Path:
@@ -148,8 +149,7 @@ def warm_up(runtime: Runtime, settings: WorkerSettings) -> float:
         torch._dynamo.reset()
         _run_buckets(runtime, settings, started)
     for router in runtime.aot:
-        if router is not None:
-            router.freeze()
+        router.freeze()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started

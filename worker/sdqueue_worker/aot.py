@@ -33,6 +33,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from sdqueue.errors import StartupError
+from sdqueue_worker.runtime import release
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -52,8 +53,7 @@ def check_aot_supported(version: str = torch.__version__, loras: bool = False) -
             "SDQ_AOT=1 cannot be combined with SDQ_LORA_DIR: adapters are swapped into the UNet per "
             "job, which a package compiled ahead of time cannot follow; unset one of them"
         )
-    release = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
-    if release < MIN_TORCH:
+    if release(version)[:2] < MIN_TORCH:
         raise StartupError(
             f"SDQ_AOT=1 needs torch >= {'.'.join(map(str, MIN_TORCH))} (this is {version}: loading an "
             "AOTInductor package crashed the process on torch 2.11); unset SDQ_AOT"
@@ -103,7 +103,7 @@ def structure(module: torch.nn.Module) -> list[Any]:
     fingerprint of the weight values (inductor folds a tensor of one repeated value, e.g. an
     all-zero bias, into the code, so a package is only valid for weights that match)."""
     layers = [(name, type(child).__name__) for name, child in module.named_modules()]
-    named = [*module.named_parameters(), *module.named_buffers()]
+    named = _named_tensors(module)
     tensors = [(name, list(t.shape), str(t.dtype), list(t.stride())) for name, t in named]
     return [layers, tensors, fingerprint([t for _, t in named])]
 
@@ -151,9 +151,12 @@ def package_key(module_digest: str, signature: Signature) -> str:
     return _digest([environment(), module_digest, signature.describe()])
 
 
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
 def _state(module: torch.nn.Module, prefix: str = "module.") -> dict[str, torch.Tensor]:
-    named: list[tuple[str, torch.Tensor]] = [*module.named_parameters(), *module.named_buffers()]
-    return {prefix + name: t for name, t in named}
+    return {prefix + name: t for name, t in _named_tensors(module)}
 
 
 class AotForward:

@@ -56,7 +56,7 @@ class Runtime:
     """The SDPA backend put first (accel.optimise)."""
     fp8_layers: int = 0
     aot: list[Any] = field(default_factory=list)
-    """The AOT package routers of the UNet and VAE decoder (sdqueue_worker.aot; None where off)."""
+    """The AOT package routers of the UNet and VAE decoder (sdqueue_worker.aot; empty when off)."""
     """UNet linear layers running in float8 (0: FP8 off)."""
     versions: dict[str, str] = field(default_factory=dict)
     loras: LoraCache | None = None
@@ -95,7 +95,7 @@ def check_shared(txt2img: DiffusionPipeline, img2img: DiffusionPipeline, dtype: 
             raise StartupError(f"{name} is {module_dtype} after building {kind}, expected {dtype}")
 
 
-def _release(version: str) -> tuple[int, ...]:
+def release(version: str) -> tuple[int, ...]:
     """(0, 40, 1) for "0.40.1.dev0": the leading numeric parts."""
     parts = []
     for part in version.split("."):
@@ -109,7 +109,7 @@ def _release(version: str) -> tuple[int, ...]:
 def check_versions(versions: dict[str, str]) -> None:
     """Refuse to start on a library older than sdqueue's floor, saying which and what to install."""
     for name, floor in MIN_VERSIONS.items():
-        if name in versions and _release(versions[name]) < floor:
+        if name in versions and release(versions[name]) < floor:
             wanted = ".".join(map(str, floor))
             raise StartupError(
                 f"{name} {versions[name]} is older than {wanted}, which the worker needs: "
