@@ -313,12 +313,15 @@ def conflict_error(job_id: str) -> str:
     return f"JobIdConflict: job id {job_id!r} was used for a different job; give this line a new job_id"
 
 
+def _joined(message: Any) -> str:
+    """A stored exception's ``exc_message`` (a list of arguments, or one value) as one text."""
+    parts = message if isinstance(message, (list, tuple)) else [message]
+    return "; ".join(str(part) for part in parts)
+
+
 def _error_text(result: Any) -> str:
     if isinstance(result, dict) and "exc_type" in result:
-        message = result.get("exc_message")
-        parts = message if isinstance(message, (list, tuple)) else [message]
-        text = "; ".join(str(part) for part in parts)
-        return f"{result['exc_type']}: {text}"
+        return f"{result['exc_type']}: {_joined(result.get('exc_message'))}"
     return str(result)
 
 
@@ -344,8 +347,7 @@ def settle(job: BulkJob, meta: dict[str, Any] | None, cancelled: bool) -> bool:
 def _cancel_reason(result: Any) -> str:
     """The worker's reason of a REVOKED result ("cancelled while running"), else "cancelled"."""
     message = result.get("exc_message") if isinstance(result, dict) else None
-    parts = message if isinstance(message, (list, tuple)) else [message] if message else []
-    reason = "; ".join(str(part) for part in parts)
+    reason = _joined(message) if message else ""
     if not reason:
         return "cancelled"
     return reason if reason.startswith("cancelled") else f"cancelled ({reason})"
