@@ -52,7 +52,7 @@ def built(runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     """A package built from one real txt2img call through the router; its first output."""
     directory = tmp_path_factory.mktemp("aot")
     unet = runtime.txt2img.unet
-    router = AotForward(unet, Counting(unet.forward), directory, "unet")
+    router = router_on(unet, directory)
     args, kwargs = unet_inputs(runtime, 2)
     with torch.inference_mode():
         out = router(*args, **kwargs)[0]
@@ -60,6 +60,11 @@ def built(runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     assert router.fallback.calls == 0
     assert len(list(directory.glob("unet-*.pt2"))) == 1
     return directory, out
+
+
+def router_on(unet: torch.nn.Module, directory: Path) -> AotForward:
+    """A router as a fresh worker makes it, with a counting eager fallback."""
+    return AotForward(unet, Counting(unet.forward), directory, "unet")
 
 
 def eager(runtime: Runtime, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -81,9 +86,10 @@ def test_a_new_router_loads_the_package_and_builds_nothing(
 ) -> None:
     directory, first = built
     unet = runtime.txt2img.unet
-    router = AotForward(unet, Counting(unet.forward), directory, "unet")
+    router = router_on(unet, directory)
+    args, kwargs = unet_inputs(runtime, 2)
     with torch.inference_mode():
-        out = router(*unet_inputs(runtime, 2)[0], **unet_inputs(runtime, 2)[1])[0]
+        out = router(*args, **kwargs)[0]
     assert (router.built, router.loaded, router.fallback.calls) == (0, 1, 0)
     assert torch.equal(out, first)
 
@@ -93,7 +99,7 @@ def test_the_loaded_code_runs_on_the_modules_own_weights(
 ) -> None:
     directory, first = built
     unet = runtime.txt2img.unet
-    router = AotForward(unet, Counting(unet.forward), directory, "unet")
+    router = router_on(unet, directory)
     args, kwargs = unet_inputs(runtime, 2)
     weight = unet.conv_out.weight
     with torch.no_grad():
@@ -121,13 +127,13 @@ def test_other_weights_of_one_architecture_get_their_own_package(
     with torch.no_grad():
         bias.fill_(0.25)
     try:
-        other = AotForward(unet, Counting(unet.forward), directory, "unet")
-        same = AotForward(unet, Counting(unet.forward), directory, "unet")
+        other = router_on(unet, directory)
+        same = router_on(unet, directory)
         assert other.module_digest == same.module_digest
     finally:
         with torch.no_grad():
             bias.copy_(saved)
-    original = AotForward(unet, Counting(unet.forward), directory, "unet")
+    original = router_on(unet, directory)
     assert other.module_digest != original.module_digest
 
 
