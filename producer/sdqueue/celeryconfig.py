@@ -14,6 +14,12 @@ from kombu import Exchange, Queue
 from sdqueue.names import BULK_QUEUE, INTERACTIVE_QUEUE, TASK_FOR_MODE
 from sdqueue.settings import Settings
 
+RESTORE_MUTEX_EXPIRE_S = 10
+"""How long kombu's restore-sweep lock may outlive a worker killed while holding it (kombu's default
+is 300 s: a kill -9 inside the 2-second sweep would hold back every redelivery for five minutes).
+A sweep takes milliseconds, and each restore is a WATCH transaction, so two sweeps never restore
+a message twice."""
+
 
 def transport_options(settings: Settings) -> dict[str, Any]:
     """kombu Redis transport options: fast failure detection, bounded producer retries."""
@@ -21,6 +27,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_restore_interval": 2,
         "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": RESTORE_MUTEX_EXPIRE_S,
         "socket_timeout": settings.redis_socket_timeout_s,
         "socket_connect_timeout": settings.redis_connect_timeout_s,
         "socket_keepalive": True,

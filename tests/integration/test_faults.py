@@ -374,6 +374,14 @@ def kill_after_two_restamps(queue: SdQueue, handle: JobHandle, victim: WorkerPro
     return last, killed
 
 
+def restore_lock_expiry_s(queue: SdQueue) -> float:
+    """The expiry kombu gives its restore-sweep lock under this configuration (or its default)."""
+    from kombu.transport.redis import Channel
+
+    options = queue.celery.conf.broker_transport_options
+    return float(options.get("unacked_mutex_expire", Channel.unacked_mutex_expire))
+
+
 def wait_redelivery(queue: SdQueue, job_id: str, timeout: float) -> float:
     """Wall time at which the job's message was started a second time."""
     wait_until(lambda: deliveries(queue, job_id) >= 2, timeout, "redelivery")
@@ -403,9 +411,15 @@ def test_kill9_mid_job_a_second_worker_takes_over(cluster: Cluster) -> None:
 
 
 def test_kill9_mid_job_then_restart(cluster: Cluster) -> None:
+    """Also: the dead worker died inside kombu's restore sweep, holding its lock (``unacked_mutex``,
+    taken every 2 s). The lock is left behind as redis-py's Lock writes it, with the expiry the
+    configuration gives it; the restarted worker must still redeliver within the usual bound
+    (kombu's default expiry, five minutes, would hold the job back that long)."""
     worker = cluster.ensure_single()
     handle = start_long_job(cluster, KILL9)
     last_stamp, killed = kill_after_two_restamps(cluster.queue, handle, worker)
+    lock_s = restore_lock_expiry_s(cluster.queue)
+    cluster.queue.redis.set("unacked_mutex", "dead-worker-token", nx=True, px=int(lock_s * 1000))
     worker.start()
     ready = time.time()
     redelivered = wait_redelivery(cluster.queue, handle.job_id, 3 * VT + 30)
@@ -413,7 +427,8 @@ def test_kill9_mid_job_then_restart(cluster: Cluster) -> None:
     manifest = assert_committed_once(cluster.s3, handle.job_id, images=1)
     assert manifest["worker"]["pid"] == worker.pid and result.images
     assert deliveries(cluster.queue, handle.job_id) == 2
-    due = max(ready, last_stamp + VT)  # the restarted worker restores it once it is up and it is due
+    # restored once the worker is up, the message is due and the dead worker's lock has expired
+    due = max(ready, last_stamp + VT, killed + lock_s)
     assert redelivered - due <= RESTORE_INTERVAL_S + LEASE_REFRESH_S + 3, redelivered - due
     print(
         f"kill -9 after two re-stamps, restart at once: running again {redelivered - killed:.1f}s after the "
