@@ -296,13 +296,17 @@ def heartbeat(queue: SdQueue, hostname: str) -> dict[str, Any]:
 
 def single_job_latency(bench: Bench, queue: SdQueue) -> None:
     """One interactive job at a time on an idle worker: submit -> result in hand."""
-    latencies = []
+    latencies, timings = [], []
     for seed in range(bench.reps + 3):
         began = time.perf_counter()
-        queue.submit(bench.job(seed)).wait(timeout=600)
+        result = queue.submit(bench.job(seed)).wait(timeout=600)
         latencies.append(time.perf_counter() - began)
+        timings.append(dict(result.timings, client_s=latencies[-1] - result.timings.get("total_s", 0.0)))
     bench.put("single_job_latency_s", statistics.median(latencies[1:]))
     bench.results[bench.key("single_job_latencies_s")] = latencies
+    # where one job's time goes: the worker's own timings (manifest), the rest is queue + client
+    keys = sorted(set.intersection(*(set(t) for t in timings[1:])))
+    bench.put("single_job_phases_s", {k: statistics.median(t[k] for t in timings[1:]) for k in keys})
 
 
 def saturated(bench: Bench, services: Services, worker: WorkerProcess, prefix: str = "") -> list[Any]:
@@ -358,12 +362,15 @@ def worker_phases(bench: Bench, services: Services, warm_restart: bool = True) -
     bench.put("cold_start_s", cold)
     try:
         single_job_latency(bench, services.queue)
+        bench.put("cold_start_phases", heartbeat(services.queue, worker.hostname).get("startup"))
         saturated(bench, services, worker)
     finally:
         worker.stop()
     if warm_restart:
         worker, warm = services.start(env, "warm")
         bench.put("cold_start_warm_cache_s", warm)
+        time.sleep(HEARTBEAT_WAIT_S)
+        bench.put("warm_start_phases", heartbeat(services.queue, worker.hostname).get("startup"))
         worker.stop()
 
 

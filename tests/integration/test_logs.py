@@ -60,3 +60,22 @@ def test_every_record_of_a_job_names_it_and_refusals_are_not_errors(stack: Stack
     assert [r["level"] for r in mine if "raised" in r["message"]] == ["INFO"]
     assert all(r["mode"] == "img2img" and r["lane"] == "interactive" for r in mine)
     assert not [r for r in records(stack) if r["level"] == "ERROR" and refused.job_id in r["message"]]
+
+
+def test_start_up_phases_are_logged_and_in_the_heartbeat(stack: Stack) -> None:
+    """Where a start's time went, once the worker is ready: one log line and the heartbeat key."""
+    from sdqueue.names import worker_alive_key
+
+    assert stack.worker is not None
+    line = next(r for r in records(stack) if r["message"].startswith("start-up ready"))
+    print(line["message"])
+    wait = time.monotonic() + 15
+    while not (body := stack.queue.redis.get(worker_alive_key(stack.worker.hostname))):
+        assert time.monotonic() < wait, "no heartbeat"
+        time.sleep(0.2)
+    phases = json.loads(body)["startup"]
+    assert list(phases)[:3] == ["process_s", "checks_s", "load_s"] and list(phases)[-1] == "ready_s"
+    assert "warmup_batch_1_s" in phases and phases["warmup_s"] >= phases["warmup_batch_1_s"] > 0
+    inner = sum(phases[k] for k in ("checks_s", "load_s", "optimise_s", "warmup_s"))
+    assert phases["process_s"] > 0 and inner <= phases["ready_s"] - phases["process_s"] + 0.05
+    assert f"load {phases['load_s']:.1f}" in line["message"]

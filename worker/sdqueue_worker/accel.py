@@ -52,9 +52,11 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         pipe.fuse_qkv_projections()
     latent = default_size(runtime) // pipe.vae_scale_factor
     batch = 2 * max(settings.compile_batch_sizes or [1])  # classifier-free guidance doubles the batch
+    began = time.perf_counter()
     runtime.attention = attention.choose(
         settings.attention, pipe.unet.config, batch, (latent, latent), runtime.dtype
     )
+    runtime.startup["attention_probe_s"] = time.perf_counter() - began
     if settings.fp8:
         check_fp8_supported(runtime.device, runtime.dtype, loras=runtime.loras is not None)
         runtime.fp8_layers = quantize_unet_fp8(pipe.unet)
@@ -161,8 +163,10 @@ def _run_buckets(runtime: Runtime, settings: WorkerSettings, started: float) -> 
     size = default_size(runtime)
     buckets = settings.compile_batch_sizes if use_compile(settings, runtime) else [1]
     for batch in sorted(set(buckets)):
+        began = time.perf_counter()
         with torch.inference_mode(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             runtime.txt2img(
                 ["warm-up"] * batch, num_inference_steps=2, width=size, height=size, output_type="pt"
             )
+        runtime.startup[f"warmup_batch_{batch}_s"] = time.perf_counter() - began
         log.info("warmed batch %d at %dx%d (%.1fs so far)", batch, size, size, time.perf_counter() - started)

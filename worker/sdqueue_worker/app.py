@@ -26,7 +26,8 @@ from sdqueue_worker.lease import LeaseKeeper
 from sdqueue_worker.metrics import start_metrics
 from sdqueue_worker.readiness import keep_ready_file
 from sdqueue_worker.settings import get_worker_settings
-from sdqueue_worker.state import start_state
+from sdqueue_worker.startup import log_ready
+from sdqueue_worker.state import get_state, start_state
 
 log = logging.getLogger(__name__)
 settings = get_worker_settings()
@@ -65,6 +66,11 @@ def _load_model(sender: Any = None, **_: Any) -> None:
         except OSError:
             log.exception("cannot serve metrics on port %s; the worker stops", settings.metrics_port)
             sys.exit(1)
+
+
+@signals.worker_ready.connect
+def _log_startup(**_: Any) -> None:
+    log_ready(get_state().runtime.startup)  # Celery's logging is set up by now, not at worker_init
 
 
 keep_ready_file(settings.ready_file)

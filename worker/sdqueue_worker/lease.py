@@ -52,6 +52,7 @@ def heartbeat(state: WorkerState, held: int) -> None:
         "running": list(running),
         "batches": state.executor.batches_run,
         "busy_s": round(state.executor.busy_seconds, 3),
+        "startup": {name: round(seconds, 2) for name, seconds in state.runtime.startup.items()},
     }
     state.redis.set(
         worker_alive_key(state.hostname), json.dumps(body), ex=max(5, settings.visibility_timeout_s)

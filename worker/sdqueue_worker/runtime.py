@@ -55,9 +55,11 @@ class Runtime:
     attention: str = "default"
     """The SDPA backend put first (accel.optimise)."""
     fp8_layers: int = 0
+    """UNet linear layers running in float8 (0: FP8 off)."""
     aot: list[Any] = field(default_factory=list)
     """The AOT package routers of the UNet and VAE decoder (sdqueue_worker.aot; empty when off)."""
-    """UNet linear layers running in float8 (0: FP8 off)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds per start-up phase, in order (sdqueue_worker.startup)."""
     versions: dict[str, str] = field(default_factory=dict)
     loras: LoraCache | None = None
     """LoRA adapters (None when SDQ_LORA_DIR is unset)."""
