@@ -1,6 +1,9 @@
 """Output image formats: PNG (default), WebP (lossy or lossless) and JPEG, each with its content type.
 
-PNG keeps the worker's fast compress level (``SDQ_PNG_COMPRESS_LEVEL``). Lossy formats take the
+PNG keeps the worker's fast compress level (``SDQ_PNG_COMPRESS_LEVEL``, 1 by default). Levels 0-3
+go through ``sdqueue_worker.png_encoder`` (strips deflated in parallel: 2-2.5x faster, files about
+10 % larger on photographs); levels 4-9 ask for small files and get Pillow's per-row filter
+choice on one thread. Lossy formats take the
 job's ``output_quality`` (default ``DEFAULT_QUALITY``); WebP uses ``method=4``, Pillow's default
 speed/size trade-off, and JPEG 4:2:0 chroma subsampling below quality 90 (4:4:4 from 90 up, so
 high-quality JPEGs keep thin coloured edges).
@@ -16,8 +19,10 @@ import numpy as np
 from PIL import Image
 
 from sdqueue.contract import AnyJob
+from sdqueue_worker.png_encoder import encode_png
 
 DEFAULT_QUALITY = 90
+FAST_PNG_LEVELS = range(4)
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 
@@ -50,6 +55,8 @@ class OutputEncoding:
 
     def encode(self, pixels: np.ndarray) -> bytes:
         """uint8 HxWx3 array to file bytes in this encoding."""
+        if self.format == "png" and self.png_compress_level in FAST_PNG_LEVELS:
+            return encode_png(pixels, self.png_compress_level)
         buffer = io.BytesIO()
         image = Image.fromarray(pixels, "RGB")
         if self.format == "png":
