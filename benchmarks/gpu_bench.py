@@ -362,8 +362,8 @@ def worker_phases(bench: Bench, services: Services, warm_restart: bool = True) -
     bench.put("cold_start_s", cold)
     try:
         single_job_latency(bench, services.queue)
-        bench.put("cold_start_phases", heartbeat(services.queue, worker.hostname).get("startup"))
         saturated(bench, services, worker)
+        bench.put("cold_start_phases", heartbeat(services.queue, worker.hostname).get("startup"))
     finally:
         worker.stop()
     if warm_restart:
