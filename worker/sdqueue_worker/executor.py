@@ -36,6 +36,7 @@ from sdqueue.errors import GenerationError, JobCancelled, StartupError
 from sdqueue_worker.accel import bucket_for
 from sdqueue_worker.generation import GenerationRequest
 from sdqueue_worker.outcomes import QUEUED_CANCEL_REASON
+from sdqueue_worker.settings import job_slots
 
 log = logging.getLogger(__name__)
 HARD_LIMIT_GRACE_S = 60.0
@@ -59,12 +60,6 @@ class ExecutorState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
     DEFUNCT = "defunct"
-
-
-def job_slots(max_batch: int) -> int:
-    """Celery task threads feeding the GPU thread: 1 without micro-batching, else 2 x max_batch,
-    so one batch can be prepared and uploaded while another runs."""
-    return 1 if max_batch == 1 else 2 * max_batch
 
 
 def _exit_process() -> None:

@@ -201,11 +201,11 @@ def worker_argv(name: str | None, loglevel: str) -> list[str]:
     Queue order is priority order (the worker always takes from the first non-empty queue):
     interactive jobs, then bulk jobs. Webhook deliveries (``sdqueue.notify``) are not consumed
     here but by ``sdqueue notifier`` (see ``notifier_argv``), so they never take a job slot.
-    The job-slot count comes from the executor that relies on it.
+    The job-slot count is the executor's (settings.job_slots). Nothing here imports torch: this
+    runs in the process that then execs Celery, which imports it once.
     """
     from sdqueue.names import lane_queue
-    from sdqueue_worker.executor import job_slots
-    from sdqueue_worker.settings import get_worker_settings
+    from sdqueue_worker.settings import get_worker_settings, job_slots
 
     settings = get_worker_settings()
     slots = job_slots(settings.max_batch)

@@ -145,3 +145,10 @@ class WorkerSettings(Settings):
 def get_worker_settings() -> WorkerSettings:
     """The worker process's settings, read once from the environment."""
     return WorkerSettings()
+
+
+def job_slots(max_batch: int) -> int:
+    """Celery task threads feeding the GPU thread: 1 without micro-batching, else 2 x max_batch,
+    so one batch can be prepared and uploaded while another runs. (Here, not in the executor:
+    the launcher computes it before it execs Celery, and must not import torch for it.)"""
+    return 1 if max_batch == 1 else 2 * max_batch
