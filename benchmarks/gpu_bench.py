@@ -4,6 +4,7 @@
     python -m benchmarks.gpu_bench --only sdxl --out DIR
     python -m benchmarks.gpu_bench --only fp8 --out DIR      # also: sdxl-fp8, steady, fp8-eager, sd15-worker
     python -m benchmarks.gpu_bench --only sd15-worker --aot  # the worker with AOT packages (SDQ_AOT=1)
+    python -m benchmarks.gpu_bench --only steady --png-level 4  # PNG through Pillow (A/B the encoder)
     python -m benchmarks.gpu_bench --smoke                   # CPU dry run of every part, tiny models
     python -m benchmarks.report benchmarks/results/raw/*.json  # merge parts: JSON + table + plot
 
@@ -83,6 +84,7 @@ class Bench:
         self.reps = 2 if self.smoke else 3
         self.warm_restart = not args.no_warm_restart
         self.aot = args.aot
+        self.png_level = args.png_level
         self.model = ""
         self.results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
 
@@ -267,6 +269,8 @@ class Services:
     def env(self, cache: str, fp8: bool = False, buckets: str | None = None) -> dict[str, str]:
         bench = self.bench
         overrides: dict[str, Any] = {"max_batch": bench.batch, "flush_window_ms": 20, "job_time_limit_s": 900}
+        if bench.png_level is not None:
+            overrides["png_compress_level"] = bench.png_level
         if not bench.smoke:
             overrides.update(
                 device="cuda",
@@ -553,6 +557,9 @@ def main() -> None:
     parser.add_argument("--no-warm-restart", action="store_true", help="skip the warm-cache restart")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with tiny models")
     parser.add_argument("--aot", action="store_true", help="workers and the bare pipeline with SDQ_AOT=1")
+    parser.add_argument(
+        "--png-level", type=int, default=None, help="workers' SDQ_PNG_COMPRESS_LEVEL (4-9: Pillow's encoder)"
+    )
     args = parser.parse_args()
     for part in args.only or PARTS:
         results = run_part(args, part)
