@@ -61,6 +61,7 @@ def worker_state(client: Recorder, heartbeat_file: str | None = None, vt: int = 
         running={"job-a": "w@h:tok-a", "job-b": "w@h:tok-b"},
         redis=client,
         executor=SimpleNamespace(batches_run=7, busy_seconds=1.23456),
+        runtime=SimpleNamespace(startup={"load_s": 1.23456, "ready_s": 9.8765}),
         hostname="w@h",
     )
 
@@ -98,6 +99,7 @@ def test_heartbeat_renews_run_leases_and_writes_the_alive_key(tmp_path: Path) ->
     alive = json.loads(body)
     assert alive["held"] == 3 and alive["running"] == ["job-a", "job-b"]
     assert alive["batches"] == 7 and alive["busy_s"] == 1.235 and alive["pid"] > 0
+    assert alive["startup"] == {"load_s": 1.23, "ready_s": 9.88}
     assert before <= alive["at"] <= time.time()
     assert beat.exists()
 

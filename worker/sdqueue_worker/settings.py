@@ -24,7 +24,8 @@ class WorkerSettings(Settings):
     """Progressive JPEGs with more scans are refused before decoding (each scan decodes the whole
     image again: 60,000 scans took 28 s); ordinary encoders write about 10."""
     png_compress_level: int = Field(default=1, ge=0, le=9)
-    """zlib level of the output PNGs (1: fast, 9: small)."""
+    """zlib level of the output PNGs (1: fast, 9: small). Levels 0-3 use sdqueue's parallel encoder
+    (strips deflated on threads, Sub filter); 4-9 use Pillow's per-row filter choice (smaller, slower)."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = ".cache/tiny-sd"
