@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import struct
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 from PIL import Image
 
 from devstack.server import ServerProcess
-from devstack.services import MotoServer, WorkerProcess
+from devstack.services import MotoServer, RedisServer, WorkerProcess
 from sdqueue.server.keys import hash_key
+from sdqueue.server.quotas import Refusal
 from tests.helpers import ROOT, own_stack, png_bytes, smooth_image
 
 KEYS = {"alice": "sdq_alice_secret", "bob": "sdq_bob_secret", "carol": "sdq_carol_secret"}
@@ -341,3 +344,37 @@ def test_the_servers_messages_are_the_ones_kombu_writes(logdir: Path) -> None:
         message["headers"].pop("sdq_submitted_at")
         message["body"] = json.loads(b64.b64decode(message["body"]))
     assert ours == kombu
+
+
+def test_uploads_and_submits_draw_from_one_token_bucket(redis_server: RedisServer) -> None:
+    """Both Lua scripts run the same ``take_token`` function on the same bucket: tokens taken by
+    uploads (``Quotas.take_token``) are gone for submits, and a refusal says when to come back."""
+    import asyncio
+
+    from sdqueue import Txt2ImgJob
+    from sdqueue.celeryconfig import make_celery
+    from sdqueue.server.publish import Submitter
+    from sdqueue.server.quotas import Quotas, rate_key
+    from sdqueue.settings import Settings
+
+    client = redis.Redis.from_url(redis_server.url)
+    tenant = f"bucket-{uuid.uuid4().hex[:8]}"
+    quotas = Quotas(client, max_age_s=60)
+    assert quotas.take_token(tenant, per_minute=6, burst=2) is None  # an upload takes one of two
+    settings = Settings(redis_url=redis_server.url)
+    submitter = Submitter(make_celery(settings, "bucket-test"), settings, max_age_s=60)
+    spec = Txt2ImgJob(prompt="bucket", width=64, height=64, steps=1)
+
+    async def submit(job_id: str) -> object:
+        return await submitter.submit(tenant, spec, job_id, "interactive", limit=10, rate=(6, 2))
+
+    async def both() -> tuple[object, object]:
+        return await submit(f"b1-{tenant}"), await submit(f"b2-{tenant}")
+
+    queued, refused = asyncio.run(both())
+    assert queued is True
+    assert isinstance(refused, Refusal) and refused.message.startswith("rate limit")
+    assert 1 <= refused.retry_after_s <= 10
+    upload = quotas.take_token(tenant, per_minute=6, burst=2)
+    assert upload is not None and upload.retry_after_s >= 1  # the submit took the last token
+    assert 0 <= float(client.hget(rate_key(tenant), "tokens") or -1) < 1

@@ -24,7 +24,7 @@ from sdqueue.client import Job, job_record, record_ttl_s, task_message
 from sdqueue.contract import spec_fingerprint
 from sdqueue.errors import BrokerUnavailable, JobIdConflict
 from sdqueue.names import cancel_key, job_claim_key, lane_queue
-from sdqueue.server.quotas import Refusal, active_key, rate_key
+from sdqueue.server.quotas import TAKE_TOKEN_LUA, Refusal, active_key, rate_key
 from sdqueue.settings import Settings
 
 # KEYS: rate bucket, in-flight zset, claim, lane list.
@@ -32,7 +32,9 @@ from sdqueue.settings import Settings
 #       8 charge ('1'), 9 claim JSON, 10 fingerprint, 11 claim TTL (s), 12 message.
 # Returns {1, 0} queued, {0, ms} rate limited, {2, 0} over the cap, {3, 0} id used for another
 # spec, {4, 0} this exact job was already submitted (nothing new).
-_SUBMIT = """
+_SUBMIT = (
+    TAKE_TOKEN_LUA
+    + """
 local existing = redis.call('GET', KEYS[3])
 if existing then
   local ok, prior = pcall(cjson.decode, existing)
@@ -42,19 +44,8 @@ if existing then
   return {4, 0}
 end
 if ARGV[8] == '1' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-  local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-  local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-  tokens = math.min(burst, tokens + (now - at) * rate)
-  if tokens < 1 then
-    redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
-    redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
-    return {0, math.ceil((1 - tokens) / rate)}
-  end
-  redis.call('HSET', KEYS[1], 'tokens', tokens - 1, 'at', now)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
+  local wait = take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+  if wait > 0 then return {0, wait} end
 end
 local set, id, limit, now, age = KEYS[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if not redis.call('ZSCORE', set, id) and redis.call('ZCARD', set) >= limit then
@@ -76,6 +67,7 @@ redis.call('SET', KEYS[3], ARGV[9], 'EX', tonumber(ARGV[11]))
 redis.call('LPUSH', KEYS[4], ARGV[12])
 return {1, 0}
 """
+)
 
 
 def envelope(app: Any, job_id: str, spec: Job, queue_name: str) -> str:

@@ -11,23 +11,33 @@ import redis
 
 from sdqueue.names import KEY_PREFIX
 
-# Token bucket. KEYS[1] the bucket hash; ARGV[1] refill per ms, ARGV[2] burst.
-# Returns {allowed, ms until one token}.
-_RATE_BODY = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
-tokens = math.min(burst, tokens + (now - at) * rate)
-local allowed = 0
-if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
-redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
-if allowed == 0 then return {0, math.ceil((1 - tokens) / rate)} end
+TAKE_TOKEN_LUA = """
+local function take_token(bucket, rate, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local state = redis.call('HMGET', bucket, 'tokens', 'at')
+  local tokens, at = tonumber(state[1]) or burst, tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + (now - at) * rate)
+  local wait = 0
+  if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / rate) end
+  redis.call('HSET', bucket, 'tokens', tokens, 'at', now)
+  redis.call('PEXPIRE', bucket, math.ceil(burst / rate) + 1000)
+  return wait
+end
 """
+"""The token bucket, as a Lua function for scripts that charge it (this module's and the submit
+script of ``sdqueue.server.publish``): refills ``rate`` tokens per ms up to ``burst``, takes one if
+it can; returns 0, or the ms until one token is there."""
 
-_RATE = _RATE_BODY + " return {1, 0}"
+# KEYS[1] the bucket hash; ARGV[1] refill per ms, ARGV[2] burst. Returns {allowed, ms until one token}.
+_RATE = (
+    TAKE_TOKEN_LUA
+    + """
+local wait = take_token(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait > 0 then return {0, wait} end
+return {1, 0}
+"""
+)
 
 
 @dataclass(frozen=True)
