@@ -352,6 +352,12 @@ def test_celery_revoke_and_flowers_terminate_cancel_jobs(
     assert queued_meta["result"]["exc_message"][0] == "cancelled before it started", queued_meta
     reason = meta(queue, running.job_id)["result"]["exc_message"][0]
     assert reason.startswith("cancelled while running"), reason
+    # Celery's revoke command itself stores REVOKED for a job the worker has not received yet (the
+    # race the queued job above may or may not hit): the reason is sdqueue's there too
+    ahead = uuid.uuid4().hex
+    queue.celery.control.revoke(ahead)
+    assert wait_final(queue, ahead).state == "REVOKED"
+    assert meta(queue, ahead)["result"]["exc_message"] == ["cancelled before it started"]
     flower, port = start_flower(env, logdir, "--basic-auth=ops:secret")
     try:
         terminated = long_job(queue)

@@ -3,6 +3,10 @@
 * Failed results carry the error message, capped, never a server traceback (unless
   ``SDQ_RESULT_TRACEBACKS`` turns them on for debugging), and never a refused payload whole: the
   extended fields (``args``/``kwargs``) are dropped when they are over a few KB.
+* A job revoked before it ran is stored with the reason ``cancelled before it started`` (what its
+  webhook says), not Celery's bare ``revoked``. Celery 5.7 stores that bare reason from two places,
+  the revoke control command (for a job not yet running) and the skipped message, one after the
+  other, so a client could read either; both go through ``mark_as_revoked``, which says it here.
 * An out-of-memory answer from Redis (``OOM command not allowed``) is retried like a lost
   connection, so a finished job's result is stored once memory is free again instead of the job
   reading "running" for ever.
@@ -16,6 +20,7 @@ from typing import Any
 import redis
 from celery.backends.redis import RedisBackend, SentinelBackend
 
+from sdqueue_worker.outcomes import QUEUED_CANCEL_REASON
 from sdqueue_worker.settings import get_worker_settings
 
 MAX_ERROR_CHARS = 2000
@@ -46,6 +51,13 @@ class _WorkerResults(RedisBackend):  # type: ignore[misc]
 
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
         return bool(super().exception_safe_to_retry(exc)) or is_oom(exc)
+
+    def mark_as_revoked(
+        self, task_id: str, reason: str = "", request: Any = None, store_result: bool = True, **kw: Any
+    ) -> Any:
+        if reason == "revoked":
+            reason = QUEUED_CANCEL_REASON
+        return super().mark_as_revoked(task_id, reason, request=request, store_result=store_result, **kw)
 
     def prepare_exception(self, exc: BaseException, serializer: Any = None) -> Any:
         prepared = super().prepare_exception(exc, serializer)

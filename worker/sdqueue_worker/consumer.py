@@ -24,7 +24,6 @@ from celery.worker.request import Request
 from sdqueue.contract import is_valid_job_id
 from sdqueue.errors import JobValidationError, StartupError
 from sdqueue_worker.backend import cap
-from sdqueue_worker.outcomes import QUEUED_CANCEL_REASON
 from sdqueue_worker.state import get_state
 from sdqueue_worker.strategy import SDQUEUE_TASKS
 
@@ -71,21 +70,14 @@ def hand_back_first(message: Any) -> bool:
 
 
 class JobRequest(Request):  # type: ignore[misc]
-    """Celery's request, whose requeue after a cold shutdown puts the message first in line, and
-    whose revoked result says what happened in sdqueue's words.
+    """Celery's request, whose requeue after a cold shutdown puts the message first in line.
 
     kombu's ``basic_reject(requeue=True)`` pushes it behind the waiting messages, like a new one;
-    a job that was already running would then wait for the whole backlog of its lane. A job
-    revoked before it ran gets Celery's bare reason ``revoked``; its stored result (what Flower and
-    any Celery client show) says ``cancelled before it started`` instead, as its webhook does.
+    a job that was already running would then wait for the whole backlog of its lane. (The reason
+    a job revoked before it ran is stored with is the result backend's: sdqueue_worker.backend.)
     """
 
     acknowledged: bool
-
-    def _announce_revoked(self, reason: str, terminated: bool, signum: Any, expired: bool) -> None:
-        if reason == "revoked":
-            reason = QUEUED_CANCEL_REASON
-        super()._announce_revoked(reason, terminated, signum, expired)
 
     def reject(self, requeue: bool = False) -> None:
         if requeue and not self.acknowledged and jobs_interrupted() and hand_back_first(self.message):
