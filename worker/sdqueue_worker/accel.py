@@ -24,6 +24,7 @@ from sdqueue_worker.aot import AotForward, check_aot_supported
 from sdqueue_worker.fp8 import check_fp8_supported, quantize_unet_fp8
 from sdqueue_worker.runtime import Runtime
 from sdqueue_worker.settings import WorkerSettings
+from sdqueue_worker.startup import timed
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,10 @@ def optimise(runtime: Runtime, settings: WorkerSettings) -> None:
         pipe.fuse_qkv_projections()
     latent = default_size(runtime) // pipe.vae_scale_factor
     batch = 2 * max(settings.compile_batch_sizes or [1])  # classifier-free guidance doubles the batch
-    began = time.perf_counter()
-    runtime.attention = attention.choose(
-        settings.attention, pipe.unet.config, batch, (latent, latent), runtime.dtype
-    )
-    runtime.startup["attention_probe_s"] = time.perf_counter() - began
+    with timed(runtime.startup, "attention_probe_s"):
+        runtime.attention = attention.choose(
+            settings.attention, pipe.unet.config, batch, (latent, latent), runtime.dtype
+        )
     if settings.fp8:
         check_fp8_supported(runtime.device, runtime.dtype, loras=runtime.loras is not None)
         runtime.fp8_layers = quantize_unet_fp8(pipe.unet)
@@ -163,10 +163,12 @@ def _run_buckets(runtime: Runtime, settings: WorkerSettings, started: float) -> 
     size = default_size(runtime)
     buckets = settings.compile_batch_sizes if use_compile(settings, runtime) else [1]
     for batch in sorted(set(buckets)):
-        began = time.perf_counter()
-        with torch.inference_mode(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        with (
+            timed(runtime.startup, f"warmup_batch_{batch}_s"),
+            torch.inference_mode(),
+            torch._dynamo.config.patch(automatic_dynamic_shapes=False),
+        ):
             runtime.txt2img(
                 ["warm-up"] * batch, num_inference_steps=2, width=size, height=size, output_type="pt"
             )
-        runtime.startup[f"warmup_batch_{batch}_s"] = time.perf_counter() - began
         log.info("warmed batch %d at %dx%d (%.1fs so far)", batch, size, size, time.perf_counter() - started)

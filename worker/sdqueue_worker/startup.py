@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,8 +27,23 @@ def process_age_s() -> float | None:
         return None
 
 
+def note_age(phases: dict[str, float], name: str) -> None:
+    """Record the process's age now as ``phases[name]`` (nothing where it cannot be read)."""
+    age = process_age_s()
+    if age is not None:
+        phases[name] = age
+
+
+@contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Record the seconds the ``with`` block took as ``phases[name]``."""
+    began = time.perf_counter()
+    yield
+    phases[name] = time.perf_counter() - began
+
+
 def describe(phases: dict[str, float]) -> str:
-    """One line: ``ready 60.8s: process 9.1, checks 0.2, load 5.0, ...``."""
+    """One line: ``ready 60.8s after the process started: process 9.1, checks 0.2, load 5.0, ...``."""
     parts = [
         f"{name.removesuffix('_s')} {seconds:.1f}" for name, seconds in phases.items() if name != "ready_s"
     ]

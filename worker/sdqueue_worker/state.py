@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 
 import redis
@@ -22,7 +21,7 @@ from sdqueue_worker.jobs import JobRunner
 from sdqueue_worker.progress import ProgressPublisher, SignalPump
 from sdqueue_worker.runtime import Runtime, load_runtime
 from sdqueue_worker.settings import WorkerSettings
-from sdqueue_worker.startup import process_age_s
+from sdqueue_worker.startup import note_age, timed
 from sdqueue_worker.storage import WorkerStorage
 
 log = logging.getLogger(__name__)
@@ -63,16 +62,14 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
     global _STATE
     if _STATE is not None:
         return _STATE
-    process_s = process_age_s()
-    began = time.perf_counter()
-    storage = WorkerStorage(settings)
-    client = redis_client(settings)
-    check_startup(settings, client, storage, hostname)
-    checks_s = time.perf_counter() - began
+    phases: dict[str, float] = {}
+    note_age(phases, "process_s")  # interpreter, imports, Celery's own start
+    with timed(phases, "checks_s"):
+        storage = WorkerStorage(settings)
+        client = redis_client(settings)
+        check_startup(settings, client, storage, hostname)
     runtime = load_runtime(settings)
-    if process_s is not None:
-        runtime.startup["process_s"] = process_s  # interpreter, imports, Celery's own start
-    runtime.startup.update(checks_s=checks_s, load_s=runtime.load_seconds)
+    runtime.startup = {**phases, "load_s": runtime.load_seconds}
     executor = GpuExecutor(
         functools.partial(run_batch, runtime),
         settings.max_batch,
@@ -83,9 +80,7 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
         hard_limit_s=settings.job_time_limit_s + settings.hard_limit_grace_s,
     )
     executor.start()
-    ready_s = process_age_s()
-    if ready_s is not None:
-        runtime.startup["ready_s"] = ready_s
+    note_age(runtime.startup, "ready_s")
     client.incr(model_loads_key(hostname))
     publisher = ProgressPublisher(app, hostname) if app is not None else None
     _STATE = WorkerState(
@@ -104,9 +99,8 @@ def start_state(settings: WorkerSettings, hostname: str, app: Celery | None = No
 
 def _prepare_gpu(runtime: Runtime, settings: WorkerSettings) -> None:
     """Runs on the GPU thread before it serves: speed-ups, then warm-up (compiles buckets)."""
-    began = time.perf_counter()
-    optimise(runtime, settings)
-    runtime.startup["optimise_s"] = time.perf_counter() - began
+    with timed(runtime.startup, "optimise_s"):
+        optimise(runtime, settings)
     if settings.warmup:
         runtime.warmup_seconds = warm_up(runtime, settings)
         runtime.startup["warmup_s"] = runtime.warmup_seconds
