@@ -403,9 +403,36 @@ def bare_pipeline(bench: Bench) -> None:
         "bare_pipeline_latency_s",
         diy.median_time(lambda pipe=pipe: diy.call(pipe, [0], bench.steps, bench.size), 5),
     )
+    engine_latencies(bench, runtime)
     del runtime, pipe
     torch._dynamo.reset()
     free()
+
+
+def engine_latencies(bench: Bench, runtime: Any) -> None:
+    """Where a single job's extra time over the bare call goes, in this process: the worker's
+    ``run_batch`` called directly (its inputs, step callback, uint8 copy to the host), then the same
+    through a ``GpuExecutor`` (the hand-off between a task thread and the GPU thread)."""
+    import functools
+
+    from sdqueue_worker.executor import GpuExecutor
+    from sdqueue_worker.generation import GenerationRequest, run_batch
+
+    def request() -> GenerationRequest:
+        return GenerationRequest(job=bench.job(0), job_id="bench", seeds=[0], deadline=time.monotonic() + 600)
+
+    bench.put(
+        "run_batch_latency_s",
+        diy.median_time(lambda: run_batch(runtime, [request()], lambda step: None, 1), 5),
+    )
+    executor = GpuExecutor(functools.partial(run_batch, runtime), 8, 0.015, time_limit_s=600, buckets=[1])
+    executor.start()
+    try:
+        bench.put(
+            "executor_latency_s", diy.median_time(lambda: executor.submit(request()).future.result(), 5)
+        )
+    finally:
+        executor.stop()
 
 
 # --- parts -------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from sdqueue.contract import Img2ImgJob, Txt2ImgJob
+from sdqueue.errors import StorageUnavailable
 from sdqueue.locations import ObjectRef
 from sdqueue.names import BULK_QUEUE, IMG2IMG_TASK, TXT2IMG_TASK
 from sdqueue_worker.generation import GenerationRequest
@@ -220,11 +222,29 @@ def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_a_redelivery_returns_the_committed_manifest_without_generating() -> None:
+def test_a_bulk_redelivery_returns_the_committed_manifest_without_generating() -> None:
     run = runner()
-    first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3"), JobContext())
-    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3"), JobContext(maybe_done=True))
+    first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3", BULK_QUEUE), JobContext())
+    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3", BULK_QUEUE), JobContext(maybe_done=True))
     assert again == first and len(run.executor.requests) == 1  # type: ignore[attr-defined]
+
+
+def test_an_interactive_redelivery_returns_the_committed_manifest_and_withdraws_its_request() -> None:
+    """The manifest read runs beside the GPU request; once it finds the first run's manifest the
+    request reads as cancelled (queued: dropped; running: stopped at its next step)."""
+    run = runner()
+    first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3i"), JobContext())
+    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3i"), JobContext(maybe_done=True))
+    original, repeat = run.executor.requests  # type: ignore[attr-defined]
+    assert again == first
+    assert repeat.cancelled() and not original.cancelled()
+
+
+def test_an_interactive_job_is_not_withdrawn_when_no_manifest_exists() -> None:
+    run = runner()
+    result = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3n"), JobContext(maybe_done=True))
+    [request] = run.executor.requests  # type: ignore[attr-defined]
+    assert not request.cancelled() and result["job_id"] == "j3n"
 
 
 def test_a_second_writer_returns_the_first_manifest() -> None:
@@ -281,3 +301,18 @@ def test_result_from_manifest_keeps_what_a_client_needs() -> None:
         "timings": {"t": 1},
         "model_id": "m",
     }
+
+
+def test_a_failed_manifest_read_withdraws_the_interactive_request_and_raises() -> None:
+    """A transient storage fault on the side read fails the delivery (it retries) and the request
+    already queued for the GPU is withdrawn, so no image is stored for an attempt that failed."""
+    run = runner()
+
+    def unreachable(ref: ObjectRef) -> None:
+        raise StorageUnavailable(f"reading {ref.url}: connection refused")
+
+    run.storage.read_json = unreachable  # type: ignore[method-assign]
+    with pytest.raises(StorageUnavailable):
+        run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3f"), JobContext(maybe_done=True))
+    [request] = run.executor.requests  # type: ignore[attr-defined]
+    assert request.cancelled() and not run.storage.objects  # type: ignore[attr-defined]

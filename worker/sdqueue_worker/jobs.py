@@ -11,6 +11,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +23,7 @@ from sdqueue.errors import JobValidationError, StorageRefused
 from sdqueue.locations import ObjectRef
 from sdqueue_worker.defaults import native_side, size_of, with_model_size
 from sdqueue_worker.executor import GpuExecutor
-from sdqueue_worker.formats import encoding_for
+from sdqueue_worker.formats import OutputEncoding, encoding_for
 from sdqueue_worker.generation import GenerationRequest, ProgressFn
 from sdqueue_worker.images import decode_input_image, fit_to
 from sdqueue_worker.masks import decode_mask
@@ -33,6 +35,8 @@ from sdqueue_worker.storage import WorkerStorage
 from sdqueue_worker.work import WorkItem
 
 Job = AnyJob
+SIDE_THREADS = 4
+"""Threads for manifest reads, and for the uploads of a job's several images."""
 
 
 @dataclass
@@ -43,9 +47,15 @@ class JobContext:
     on_progress: ProgressFn | None = None
     is_cancelled: Any = None
     maybe_done: bool = True
-    """Look for the job's manifest before generating (the task layer always does: a resubmit after
-    the result TTL, a redelivery). False skips that S3 read; a duplicate then still meets the
-    conditional manifest write."""
+    """Look for the job's manifest (the task layer always does: a resubmit after the result TTL, a
+    redelivery). A bulk job waits for that S3 read before it queues for the GPU, so a rerun of
+    finished jobs costs no GPU time; an interactive job queues at once and the read runs beside
+    its generation, off its latency (a manifest found withdraws it at its next step). False
+    skips the read; a duplicate then still meets the conditional manifest write."""
+
+
+def _or_set(event: threading.Event, is_cancelled: Callable[[], bool] | None) -> Callable[[], bool]:
+    return lambda: event.is_set() or bool(is_cancelled and is_cancelled())
 
 
 class JobRunner:
@@ -65,6 +75,8 @@ class JobRunner:
         self.storage = storage
         self.hostname = hostname or socket.gethostname()
         self._prompts: PromptCounter | None = None
+        self._lookups = ThreadPoolExecutor(SIDE_THREADS, thread_name_prefix="sdq-manifest")
+        self._uploads = ThreadPoolExecutor(SIDE_THREADS, thread_name_prefix="sdq-upload")
 
     def prompts(self) -> PromptCounter:
         """The prompt token counter, built on first use from the runtime's tokenizers."""
@@ -74,14 +86,17 @@ class JobRunner:
 
     def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
-        existing = self.storage.read_json(item.manifest_ref) if ctx.maybe_done else None
-        if existing is not None:
-            return result_from_manifest(existing)
+        lookup = self._look_for_manifest(item) if ctx.maybe_done else None
+        if item.lane_rank and lookup is not None:  # bulk: a rerun of finished jobs never uses the GPU
+            if (done := lookup.result()) is not None:
+                return result_from_manifest(done)
+            lookup = None
         item = replace(item, spec=with_model_size(item.spec, native_side(self.runtime.txt2img)))
         job = item.spec
         timings: dict[str, float] = {}
         prompt_length = self.prompts().measure(job.prompt, job.negative_prompt)
         loras = self._check_loras(job)
+        withdrawn = threading.Event()
         with self.executor.preparing():
             init_image, mask_image, input_info = self._fetch_inputs(item, timings)
             request = self.executor.submit(
@@ -95,10 +110,13 @@ class JobRunner:
                     prompt_chunks=prompt_length.chunks,
                     deadline=time.monotonic() + self.settings.job_time_limit_s,
                     on_progress=ctx.on_progress,
-                    is_cancelled=ctx.is_cancelled,
+                    is_cancelled=ctx.is_cancelled if lookup is None else _or_set(withdrawn, ctx.is_cancelled),
                 )
             )
         generate_started = time.perf_counter()
+        done = self._manifest_found(lookup, withdrawn)
+        if done is not None:
+            return result_from_manifest(done)
         pixels: np.ndarray = request.future.result()
         timings["generate_s"] = time.perf_counter() - generate_started
         batch_size = request.batch_images
@@ -116,6 +134,28 @@ class JobRunner:
         manifest = self.commit_manifest(item, manifest, images)
         observe_job(item.mode, timings, batch_size)
         return result_from_manifest(manifest)
+
+    def _look_for_manifest(self, item: WorkItem) -> Future[dict[str, Any] | None]:
+        """Read the job's manifest on a side thread: for an interactive job the S3 round trip
+        overlaps its generation instead of preceding it."""
+        return self._lookups.submit(self.storage.read_json, item.manifest_ref)
+
+    @staticmethod
+    def _manifest_found(
+        lookup: Future[dict[str, Any] | None] | None, withdrawn: threading.Event
+    ) -> dict[str, Any] | None:
+        """The manifest a finished earlier run left (its queued or running request is withdrawn:
+        it stops at its next step), else None. A failed read withdraws it too, then raises."""
+        if lookup is None:
+            return None
+        try:
+            done = lookup.result()
+        except BaseException:
+            withdrawn.set()
+            raise
+        if done is not None:
+            withdrawn.set()
+        return done
 
     def commit_manifest(
         self, item: WorkItem, manifest: dict[str, Any], images: list[dict[str, Any]]
@@ -169,33 +209,37 @@ class JobRunner:
     def _store_images(
         self, item: WorkItem, pixels: np.ndarray, timings: dict[str, float]
     ) -> list[dict[str, Any]]:
+        """Encode and upload a job's images, several at a time (each a conditional write)."""
         began = time.perf_counter()
-        job = item.spec
-        encoding = encoding_for(job, self.settings.png_compress_level)
-        images = []
-        folder = item.folder
-        for index, (seed, image) in enumerate(zip(item.seeds, pixels, strict=False)):
-            ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.{encoding.extension}")
-            body = encoding.encode(image)
-            self.storage.put_once(
-                ref, body, encoding.content_type, {"job-id": item.job_id, "seed": str(seed)}
-            )
-            images.append(
-                {
-                    "index": index,
-                    "seed": seed,
-                    "url": ref.url,
-                    "bucket": ref.bucket,
-                    "key": ref.key,
-                    "width": job.width,
-                    "height": job.height,
-                    "sha256": hashlib.sha256(body).hexdigest(),
-                    "format": encoding.format,
-                    "content_type": encoding.content_type,
-                }
-            )
+        encoding = encoding_for(item.spec, self.settings.png_compress_level)
+        jobs = list(enumerate(zip(item.seeds, pixels, strict=False)))
+        if len(jobs) == 1:
+            images = [self._store_image(item, encoding, *jobs[0])]
+        else:
+            images = list(self._uploads.map(lambda entry: self._store_image(item, encoding, *entry), jobs))
         timings["encode_upload_s"] = time.perf_counter() - began
         return images
+
+    def _store_image(
+        self, item: WorkItem, encoding: OutputEncoding, index: int, seed_and_pixels: tuple[int, np.ndarray]
+    ) -> dict[str, Any]:
+        seed, image = seed_and_pixels
+        job, folder = item.spec, item.folder
+        ref = ObjectRef(folder.bucket, f"{folder.key}/{index}.{encoding.extension}")
+        body = encoding.encode(image)
+        self.storage.put_once(ref, body, encoding.content_type, {"job-id": item.job_id, "seed": str(seed)})
+        return {
+            "index": index,
+            "seed": seed,
+            "url": ref.url,
+            "bucket": ref.bucket,
+            "key": ref.key,
+            "width": job.width,
+            "height": job.height,
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "format": encoding.format,
+            "content_type": encoding.content_type,
+        }
 
     def _manifest(
         self,
