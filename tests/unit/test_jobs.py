@@ -222,27 +222,37 @@ def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_a_bulk_redelivery_returns_the_committed_manifest_without_generating() -> None:
+def test_a_redelivery_returns_the_committed_manifest_without_generating() -> None:
+    """A start that is not the first (redelivery, duplicate copy, retry) reads the manifest first."""
     run = runner()
-    first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3", BULK_QUEUE), JobContext())
-    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3", BULK_QUEUE), JobContext(maybe_done=True))
+    first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3"), JobContext())
+    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3"), JobContext(maybe_done=True))
     assert again == first and len(run.executor.requests) == 1  # type: ignore[attr-defined]
 
 
-def test_an_interactive_redelivery_returns_the_committed_manifest_and_withdraws_its_request() -> None:
-    """The manifest read runs beside the GPU request; once it finds the first run's manifest the
-    request reads as cancelled (queued: dropped; running: stopped at its next step)."""
+def test_a_bulk_first_start_reads_the_manifest_before_it_queues() -> None:
+    """A bulk rerun of finished jobs (new messages, first starts) costs no GPU time."""
+    run = runner()
+    first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3b", BULK_QUEUE), JobContext())
+    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3b", BULK_QUEUE), JobContext(first_start=True))
+    assert again == first and len(run.executor.requests) == 1  # type: ignore[attr-defined]
+
+
+def test_an_interactive_first_start_finding_a_manifest_withdraws_its_request() -> None:
+    """An interactive first start queues at once, its manifest read beside it; once the read finds
+    an earlier run's manifest the request reads as cancelled (queued: dropped; running: stopped
+    at its next step)."""
     run = runner()
     first = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3i"), JobContext())
-    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3i"), JobContext(maybe_done=True))
+    again = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3i"), JobContext(first_start=True))
     original, repeat = run.executor.requests  # type: ignore[attr-defined]
     assert again == first
     assert repeat.cancelled() and not original.cancelled()
 
 
-def test_an_interactive_job_is_not_withdrawn_when_no_manifest_exists() -> None:
+def test_an_interactive_first_start_is_not_withdrawn_when_no_manifest_exists() -> None:
     run = runner()
-    result = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3n"), JobContext(maybe_done=True))
+    result = run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3n"), JobContext(first_start=True))
     [request] = run.executor.requests  # type: ignore[attr-defined]
     assert not request.cancelled() and result["job_id"] == "j3n"
 
@@ -313,6 +323,6 @@ def test_a_failed_manifest_read_withdraws_the_interactive_request_and_raises() -
 
     run.storage.read_json = unreachable  # type: ignore[method-assign]
     with pytest.raises(StorageUnavailable):
-        run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3f"), JobContext(maybe_done=True))
+        run.run(item(Txt2ImgJob(**GOOD, seed=1), "j3f"), JobContext(first_start=True))
     [request] = run.executor.requests  # type: ignore[attr-defined]
     assert request.cancelled() and not run.storage.objects  # type: ignore[attr-defined]

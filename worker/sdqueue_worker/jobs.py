@@ -48,10 +48,14 @@ class JobContext:
     is_cancelled: Any = None
     maybe_done: bool = True
     """Look for the job's manifest (the task layer always does: a resubmit after the result TTL, a
-    redelivery). A bulk job waits for that S3 read before it queues for the GPU, so a rerun of
-    finished jobs costs no GPU time; an interactive job queues at once and the read runs beside
-    its generation, off its latency (a manifest found withdraws it at its next step). False
-    skips the read; a duplicate then still meets the conditional manifest write."""
+    redelivery). The job waits for that S3 read before it queues for the GPU, so a rerun of
+    finished jobs costs no GPU time, except a ``first_start`` interactive job: it queues at once
+    and the read runs beside its generation, off its latency (a manifest found withdraws it at
+    its next step). False skips the read; a duplicate then still meets the conditional manifest
+    write."""
+    first_start: bool = False
+    """The first start of this job id's first attempt (no redelivery, duplicate copy or retry:
+    those are the starts that find a manifest)."""
 
 
 def _or_set(event: threading.Event, is_cancelled: Callable[[], bool] | None) -> Callable[[], bool]:
@@ -87,7 +91,7 @@ class JobRunner:
     def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
         lookup = self._look_for_manifest(item) if ctx.maybe_done else None
-        if item.lane_rank and lookup is not None:  # bulk: a rerun of finished jobs never uses the GPU
+        if lookup is not None and (item.lane_rank or not ctx.first_start):
             if (done := lookup.result()) is not None:
                 return result_from_manifest(done)
             lookup = None
@@ -121,7 +125,7 @@ class JobRunner:
         timings["generate_s"] = time.perf_counter() - generate_started
         batch_size = request.batch_images
         nsfw = request.nsfw
-        images = self._store_images(item, pixels, timings)
+        images = self._store_images(item, pixels, timings, ran_alone=batch_size <= len(item.seeds))
         if ctx.submitted_at:
             timings["queue_wait_s"] = max(0.0, started - ctx.submitted_at)
         timings["total_s"] = time.time() - started
@@ -207,11 +211,11 @@ class JobRunner:
         return data, {"url": ref.url, "etag": etag, "sha256": hashlib.sha256(data).hexdigest()}
 
     def _store_images(
-        self, item: WorkItem, pixels: np.ndarray, timings: dict[str, float]
+        self, item: WorkItem, pixels: np.ndarray, timings: dict[str, float], ran_alone: bool
     ) -> list[dict[str, Any]]:
         """Encode and upload a job's images, several at a time (each a conditional write)."""
         began = time.perf_counter()
-        encoding = encoding_for(item.spec, self.settings.png_compress_level)
+        encoding = encoding_for(item.spec, self.settings.png_compress_level, ran_alone)
         jobs = list(enumerate(zip(item.seeds, pixels, strict=False)))
         if len(jobs) == 1:
             images = [self._store_image(item, encoding, *jobs[0])]

@@ -24,8 +24,9 @@ class WorkerSettings(Settings):
     """Progressive JPEGs with more scans are refused before decoding (each scan decodes the whole
     image again: 60,000 scans took 28 s); ordinary encoders write about 10."""
     png_compress_level: int = Field(default=1, ge=0, le=9)
-    """zlib level of the output PNGs (1: fast, 9: small). Levels 0-3 use sdqueue's parallel encoder
-    (strips deflated on threads, Sub filter); 4-9 use Pillow's per-row filter choice (smaller, slower)."""
+    """zlib level of the output PNGs (1: fast, 9: small). At levels 0-3 a job that ran alone in its
+    batch is written by sdqueue's parallel encoder (strips deflated on threads, Sub filter); shared
+    batches, and levels 4-9, by Pillow on one thread (4-9: its per-row filter choice, smaller, slower)."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = ".cache/tiny-sd"

@@ -29,13 +29,14 @@ def revoked(job_id: str) -> bool:
     return job_id in worker_state.revoked
 
 
-def _context(task: Task, item: WorkItem, signals: StepSignals) -> JobContext:
+def _context(task: Task, item: WorkItem, signals: StepSignals, first_start: bool) -> JobContext:
     job_id = item.job_id
     return JobContext(
         submitted_at=task.request.get("sdq_submitted_at"),
         on_progress=signals.progress,
         is_cancelled=lambda: signals.cancelled() or revoked(job_id),
         maybe_done=True,  # also a fresh message: a resubmit after the result TTL must not regenerate
+        first_start=first_start,
     )
 
 
@@ -81,7 +82,7 @@ def _run(task: Task, item: WorkItem, state: WorkerState) -> dict[str, Any]:
     attempt = int(task.request.retries or 0)
     if state.redis.exists(cancel_key(job_id)) or revoked(job_id):
         raise JobCancelled(QUEUED_CANCEL_REASON, job_id)
-    count_delivery(state.redis, job_id, attempt, settings.max_deliveries)
+    starts = count_delivery(state.redis, job_id, attempt, settings.max_deliveries)
     lease_ms = int(settings.visibility_timeout_s * 500)
     with run_lease(state.redis, job_id, lease_ms, state.hostname) as token:
         if token is None:  # another live worker runs this very job: look again later
@@ -91,7 +92,7 @@ def _run(task: Task, item: WorkItem, state: WorkerState) -> dict[str, Any]:
         try:
             signals = state.signals.open(job_id)
             try:
-                return state.runner.run(item, _context(task, item, signals))
+                return state.runner.run(item, _context(task, item, signals, attempt == 0 and starts == 1))
             finally:
                 state.signals.close(signals)
         except TransientError as exc:
