@@ -49,11 +49,26 @@ def _module_name(path: Path, package: str, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _parse(source: str) -> ast.Module:
+    """``ast.parse``, tried again on CPython 3.11's spurious "AST constructor recursion depth
+    mismatch" SystemError: its AST converter keeps the recursion depth in global state
+    (gh-106905, fixed in 3.12), and 3.11's traceback module parses source lines to place its
+    carets, so a traceback logged at that moment by a thread an earlier integration test left
+    running races this parse."""
+    for attempt in range(3):
+        try:
+            return ast.parse(source)
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imports(path: Path, module: str) -> set[str]:
     """Every sdqueue / sdqueue_worker module this file imports, at module level or inside functions."""
     found: set[str] = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
