@@ -33,6 +33,8 @@ MEASURES = [
     "fp8_mean_abs_diff",
     "single_job_latency_s",
     "bare_pipeline_latency_s",
+    "run_batch_latency_s",
+    "executor_latency_s",
     "single_job_latency_ratio",
     "cold_start_s",
     "cold_start_warm_cache_s",
@@ -43,6 +45,8 @@ MEASURES = [
     "vae_decode_fp32_s",
     "vae_decode_bf16_s",
 ]
+REPORTED = {key for _, key in ROWS} | set(MEASURES)
+"""Keys (after a family's prefix) the table shows; a family with none of them is left out."""
 
 
 def slug(text: str) -> str:
@@ -77,6 +81,8 @@ def cell(value: Any) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Device: {results['device']} | torch {results.get('torch')} | {results['date']}", ""]
     for title, prefix in FAMILIES.items():
+        if not any(key.startswith(prefix) and key[len(prefix) :] in REPORTED for key in results):
+            continue  # a day whose runs did not include this family
         baseline = results.get(prefix + "diffusers_compiled_images_per_s")
         lines += [f"### {title}", "", "| system | images/s | vs do-it-yourself |", "| --- | ---: | ---: |"]
         for name, key in ROWS:
