@@ -90,11 +90,10 @@ class JobRunner:
 
     def run(self, item: WorkItem, ctx: JobContext) -> dict[str, Any]:
         started = time.time()
-        lookup = self._look_for_manifest(item) if ctx.maybe_done else None
-        if lookup is not None and (item.lane_rank or not ctx.first_start):
-            if (done := lookup.result()) is not None:
-                return result_from_manifest(done)
-            lookup = None
+        beside = ctx.maybe_done and ctx.first_start and not item.lane_rank
+        if ctx.maybe_done and not beside and (done := self.storage.read_json(item.manifest_ref)) is not None:
+            return result_from_manifest(done)
+        lookup = self._look_for_manifest(item) if beside else None
         item = replace(item, spec=with_model_size(item.spec, native_side(self.runtime.txt2img)))
         job = item.spec
         timings: dict[str, float] = {}
@@ -216,11 +215,11 @@ class JobRunner:
         """Encode and upload a job's images, several at a time (each a conditional write)."""
         began = time.perf_counter()
         encoding = encoding_for(item.spec, self.settings.png_compress_level, ran_alone)
-        jobs = list(enumerate(zip(item.seeds, pixels, strict=False)))
-        if len(jobs) == 1:
-            images = [self._store_image(item, encoding, *jobs[0])]
+        entries = list(enumerate(zip(item.seeds, pixels, strict=False)))
+        if len(entries) == 1:
+            images = [self._store_image(item, encoding, *entries[0])]
         else:
-            images = list(self._uploads.map(lambda entry: self._store_image(item, encoding, *entry), jobs))
+            images = list(self._uploads.map(lambda entry: self._store_image(item, encoding, *entry), entries))
         timings["encode_upload_s"] = time.perf_counter() - began
         return images
 
